@@ -1,0 +1,503 @@
+"""Rectified Flow: "Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow"
+Xingchao Liu, Chengyue Gong, Qiang Liu, 2022. https://arxiv.org/abs/2209.03003v1
+Official code: github.com/gnobitab/RectifiedFlow (ImageGeneration/).
+
+The idea: learn an ODE dZ_t = v(Z_t, t) dt that carries noise X0 to data X1 by regressing v on the
+velocity X1 - X0 of the straight line between independently drawn pairs (Eq. 1). Where straight
+lines cross, v averages them, so the learned paths bend and an Euler solver needs many steps.
+Reflow (Sec. 2.2) re-pairs every noise Z0 with the sample Z1 the flow sends it to and trains a new
+flow on those pairs: lines between such pairs no longer cross, the 2-rectified flow is nearly
+straight, and one or two Euler steps give good samples.
+
+Time convention (as the official code): t=0 is noise X0 ~ N(0, I), t=1 is data X1,
+X_t = t X1 + (1 - t) X0, and the sampler integrates from t=eps to t=1.
+
+Deviations from the paper:
+- Class-conditional with classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598v1); the
+  paper's image flows are unconditional. Reflow pairs are drawn with guidance, so the 2-rectified
+  flow learns the guided flow: it is trained without label dropout and samples with guidance 1.
+- A small DDPM-style U-Net instead of DDPM++ (NCSN++, 62M parameters); EMA decay 0.999 with a
+  warm-up instead of 0.999999; no learning-rate warm-up; AdamW with zero weight decay (= Adam).
+- Euler only (the paper also uses scipy's RK45, not a dependency here).
+- Reflow uses 10k-50k pairs from the Euler solver (paper: 4M pairs for CIFAR-10, from RK45).
+- Distillation (--distill, k=1) uses L2 instead of LPIPS, which needs pretrained VGG weights.
+
+Usage:
+  python image/rectified_flow.py --train --sample --data-dir ../shared/data     # 1-rectified flow
+  python image/rectified_flow.py --sample --sample-steps 2                       # sample it again
+  python image/rectified_flow.py --reflow runs/rectified_flow/ckpt.pt --train --sample   # 2-RF
+  python image/rectified_flow.py --reflow runs/rectified_flow_reflow/ckpt.pt --distill \\
+      --out runs/rectified_flow_distill --train --sample --sample-steps 1       # one-step model
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: E402
+
+NAME = "rectified_flow"
+
+
+# --- config ---
+@dataclass
+class Config:
+    ch: int = 64                 # U-Net base channels (paper: DDPM++ with 128)
+    blocks: int = 2              # residual blocks per resolution (paper: 4)
+    dropout: float = 0.1         # paper: 0.15
+    p_uncond: float = 0.1        # label dropout for classifier-free guidance (paper: unconditional)
+    steps: int = 10000           # paper: 800k (CIFAR-10)
+    batch_size: int = 128        # paper: 128
+    lr: float = 2e-4             # paper: 2e-4
+    ema: float = 0.999           # paper: 0.999999 for 1-RF, 0.9999 for reflow
+    grad_clip: float = 1.0       # paper: 1.0
+    eps: float = 1e-3            # t ~ U(eps, 1); paper: 1e-3
+    sample_steps: int = 16       # Euler steps (NFE, twice that with guidance)
+    num_samples: int = 100
+    guidance: float = 2.0        # classifier-free guidance scale w (1 = conditional, no guidance)
+    reflow_pairs: int = 50000    # paper: 4M for CIFAR-10
+    pair_steps: int = 32         # Euler steps of the teacher per reflow pair (paper: RK45)
+    log_every: int = 100
+    ckpt_every: int = 1000
+
+
+PRESETS = {
+    "gpu": Config(),
+    "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, lr=1e-3, reflow_pairs=10000, pair_steps=8),
+    "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10,
+                   reflow_pairs=8, pair_steps=2, log_every=1, ckpt_every=1),  # tests only
+}
+ARCH = ("ch", "blocks")  # fixed by a checkpoint
+
+
+# --- model ---
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (B,) times, as in DDPM / Transformer."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t.float()[:, None] * freqs                                     # (B, dim/2)
+    return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
+
+
+def norm(c):
+    return nn.GroupNorm(math.gcd(8, c), c)
+
+
+def zero(module):
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb, dropout):
+        super().__init__()
+        self.conv1 = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Linear(emb, cout)
+        self.conv2 = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):                                              # x (B, cin, H, W), e (B, emb)
+        h = self.conv1(x) + self.emb(e)[:, :, None, None]
+        return self.skip(x) + self.conv2(h)                               # (B, cout, H, W)
+
+
+class Attention(nn.Module):
+    def __init__(self, c, heads=4):
+        super().__init__()
+        self.heads, self.norm = heads, norm(c)
+        self.qkv, self.out = nn.Conv2d(c, 3 * c, 1), zero(nn.Conv2d(c, c, 1))
+
+    def forward(self, x, e=None):
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) x y -> n b h (x y) d", n=3, h=self.heads)
+        h = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, HW, d)
+        return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
+
+
+class Down(nn.Conv2d):
+    def __init__(self, c):
+        super().__init__(c, c, 3, stride=2, padding=1)
+
+
+class Up(nn.Sequential):
+    def __init__(self, c):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+
+
+class UNet(nn.Module):
+    """Class-conditional U-Net v(x, t, y): 32 -> 16 -> 8 with attention at 8x8; y = 10 is 'no label'."""
+
+    def __init__(self, ch=64, blocks=2, dropout=0.1, mult=(1, 2, 2), classes=10):
+        super().__init__()
+        emb = 4 * ch
+        self.ch = ch
+        self.time = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label = nn.Embedding(classes + 1, emb)
+        self.inp = nn.Conv2d(1, ch, 3, padding=1)
+        self.down, skips, c = nn.ModuleList(), [ch], ch
+        for i, m in enumerate(mult):
+            for _ in range(blocks):
+                self.down.append(ResBlock(c, ch * m, emb, dropout))
+                c = ch * m
+                skips.append(c)
+            if i < len(mult) - 1:
+                self.down.append(Down(c))
+                skips.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), Attention(c), ResBlock(c, c, emb, dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(mult))):
+            for _ in range(blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), ch * m, emb, dropout))
+                c = ch * m
+            if i > 0:
+                self.up.append(Up(c))
+        self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, 1, 3, padding=1)))
+
+    def forward(self, x, t, y):                                           # x (B, 1, 32, 32), t (B,), y (B,)
+        e = self.time(timestep_embedding(999 * t, self.ch)) + self.label(y)   # time input 999 t, as official
+        h = self.inp(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, e) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, e)                                               # (B, 2ch, 8, 8)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], 1), e) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)                                                # (B, 1, 32, 32) velocity
+
+
+# --- diffusion ---
+NULL = 10  # the 'no label' class of classifier-free guidance
+
+
+def interpolate(x0, x1, t):
+    """X_t = t X1 + (1 - t) X0, the straight line from noise (t=0) to data (t=1). Eq. 1."""
+    t = t.view(-1, 1, 1, 1)
+    return t * x1 + (1 - t) * x0
+
+
+def rf_loss(net, x0, x1, y, cfg, distill=False):
+    """E || (X1 - X0) - v(X_t, t) ||^2 with t ~ U(eps, 1) (Eq. 1); distillation (k=1) fixes t = eps."""
+    t = torch.rand(len(x1), device=x1.device) * (1 - cfg.eps) + cfg.eps
+    if distill:
+        t = torch.full_like(t, cfg.eps)                                   # z1 ~ z0 + v(z0, eps), Sec. 2.3
+    y = torch.where(torch.rand(len(y), device=y.device) < cfg.p_uncond, NULL, y)   # CFG label dropout
+    v = net(interpolate(x0, x1, t), t, y)
+    return F.mse_loss(v.float(), x1 - x0)                                 # mean over pixels, as official
+
+
+def velocity(net, x, t, y, w):
+    """Classifier-free guidance: v_uncond + w (v_cond - v_uncond); w = 1 is the plain conditional v."""
+    if w == 1:
+        return net(x, t, y)
+    v_c, v_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).chunk(2)
+    return v_u + w * (v_c - v_u)
+
+
+@torch.no_grad()
+def euler(v, z0, n, eps=1e-3, bar=False):
+    """Euler ODE solver from t=eps to 1: z <- z + v(z, t_i) / N, t_i = i/N (1-eps) + eps (official
+    sde_lib.euler_ode). Returns the trajectory (N+1, B, ...)."""
+    z, traj = z0, [z0]
+    for i in tqdm(range(n), desc="sample", leave=False, disable=not bar):
+        t = torch.full((len(z),), i / n * (1 - eps) + eps, device=z.device)
+        z = z + v(z, t).float() / n
+        traj.append(z)
+    return torch.stack(traj)
+
+
+def straightness(traj):
+    """S = int_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt on an Euler trajectory (Sec. 2.2, 0 = straight)."""
+    n = len(traj) - 1
+    v = (traj[1:] - traj[:-1]) * n
+    return ((traj[-1] - traj[0]) - v).pow(2).flatten(2).mean(2).mean().item()
+
+
+# --- train ---
+def autocast(device):
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_pairs(teacher, n, device, out, bs=250):
+    """Reflow data (Sec. 2.2): noise Z0, label y and Z1 = ODE_teacher(Z0), cached in <out>/pairs.pt."""
+    path = out / "pairs.pt"
+    if path.exists():
+        p = torch.load(path, map_location="cpu", weights_only=True)
+        if len(p["y"]) == n:
+            return p["z1"].float(), p["y"], p["z0"].float()
+    tc = Config(**teacher["config"])
+    net = UNet(tc.ch, tc.blocks).to(device).eval()
+    net.load_state_dict(teacher["ema"])
+    z0, y, z1 = torch.randn(n, 1, 32, 32), torch.randint(10, (n,)), []
+    for i in tqdm(range(0, n, bs), desc="reflow pairs"):
+        zb, yb = z0[i:i + bs].to(device), y[i:i + bs].to(device)
+        with autocast(device):
+            z1.append(euler(lambda z, t: velocity(net, z, t, yb, tc.guidance), zb, tc.pair_steps, tc.eps)[-1].cpu())
+    z1 = torch.cat(z1)
+    torch.save({"z0": z0.half(), "z1": z1.half(), "y": y}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return z1, y, z0
+
+
+def save_ckpt(path, net, ema, opt, step, cfg, meta):
+    state = {"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
+             "opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), **meta}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)                                                 # atomic: never a half-written file
+
+
+def train(args, device, out, ckpt_path):
+    torch.manual_seed(args.seed)
+    teacher = load_ckpt(args.reflow) if args.reflow else None
+    if args.resume:
+        state = load_ckpt(ckpt_path)
+    elif ckpt_path.exists():
+        raise UserError(f"{ckpt_path} exists: continue it with --resume, or pass another --out")
+    else:
+        state = None
+    if state:
+        base = state["config"]
+    elif teacher:   # the student starts as the teacher; pairs carry the guidance (see docstring)
+        base = {**teacher["config"], "p_uncond": 0.0, "guidance": 1.0, "ema": 0.9999}
+    else:
+        base = asdict(PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")])
+    cfg = make_config(args, base, fixed=bool(state or teacher))
+    if state:   # k: which rectified flow; teacher: the checkpoint whose pairs it learns
+        meta = {key: state[key] for key in ("k", "teacher", "distill")}
+    else:
+        meta = {"k": teacher["k"] + (not args.distill) if teacher else 1,
+                "teacher": str(args.reflow) if teacher else None, "distill": args.distill}
+    if teacher:
+        x1, y, x0 = make_pairs(teacher, cfg.reflow_pairs, device, out)
+    else:
+        (x1, y), x0 = mnist(args.data_dir), None
+    x1, y, x0 = x1.to(device), y.to(device), x0.to(device) if x0 is not None else None
+
+    net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step = 0
+    if state:
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
+    elif teacher:
+        net.load_state_dict(teacher["ema"])                               # k+1-RF starts from the k-RF
+        ema.load_state_dict(teacher["ema"])
+    fwd = torch.compile(net) if args.compile else net
+    log_path = out / "log.txt"
+    log(log_path, f"{NAME}, {title(meta)}: "
+                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(x1)} training "
+                  f"{'pairs' if teacher else 'images'}, device {device}, step {step}/{cfg.steps}, {cfg}")
+
+    def save(done):
+        if not torch.isfinite(running):
+            raise UserError(f"loss became {running.item()} before step {done}; stopped, the last good "
+                            f"checkpoint is kept at {ckpt_path} (try a lower --lr)")
+        save_ckpt(ckpt_path, net, ema, opt, done, cfg, meta)
+
+    net.train()
+    running, seen, clock = torch.zeros((), device=device), 0, time.time()
+    done = step
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")
+    try:
+        for done in bar:
+            idx = torch.randint(len(x1), (cfg.batch_size,), device=device)
+            z0 = x0[idx] if x0 is not None else torch.randn_like(x1[idx])  # reflow: fixed pairs
+            with autocast(device):
+                loss = rf_loss(fwd, z0, x1[idx], y[idx], cfg, meta["distill"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            decay = min(cfg.ema, (1 + done) / (10 + done))                # EMA with warm-up
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+            running += loss.detach()
+            seen += 1
+            done += 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                if not torch.isfinite(running):
+                    save(done)                                            # raises with the message
+                rate = seen * cfg.batch_size / (time.time() - clock)
+                log(log_path, f"step {done} loss {running.item() / seen:.4f} images/s {rate:.0f}")
+                running.zero_()
+                seen, clock = 0, time.time()
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save(done)
+    except KeyboardInterrupt:
+        bar.close()
+        save(done)
+        print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    if step >= cfg.steps:
+        print(f"{ckpt_path} is already at step {step} of --steps {cfg.steps}: nothing to train")
+
+
+# --- sample ---
+def load_ckpt(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with --train (or pass --ckpt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
+    if not isinstance(state, dict) or state.get("script") != NAME:
+        who = state.get("script") if isinstance(state, dict) else None
+        raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
+    return state
+
+
+def title(state):
+    return f"{state['k']}-rectified flow{' (distilled)' if state['distill'] else ''}"
+
+
+def load_ema(state, device):
+    cfg = Config(**state["config"])
+    net = UNet(cfg.ch, cfg.blocks).to(device).eval()
+    net.load_state_dict(state["ema"])
+    return net
+
+
+def sample(args, device, out, ckpt_path):
+    state = load_ckpt(ckpt_path)
+    cfg = make_config(args, state["config"])
+    net = load_ema(state, device)
+    n = cfg.num_samples
+    y = torch.arange(n, device=device) % 10                              # column k of the grid is digit k
+    z0 = torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    with autocast(device):
+        traj = euler(lambda z, t: velocity(net, z, t, y, cfg.guidance), z0, cfg.sample_steps, cfg.eps, bar=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(out / "samples.png", traj[-1])
+    save_gif(out / "samples.gif", traj)
+    save_npz(out / "samples.npz", images=traj[-1], labels=y)
+    print(f"wrote {out}/samples.png, samples.gif, samples.npz: {n} samples of the {title(state)} "
+          f"(step {state['step']}), {cfg.sample_steps} Euler steps, guidance {cfg.guidance}")
+    if state["teacher"] and Path(state["teacher"]).is_file():           # reflow: show what it bought
+        teacher = load_ckpt(state["teacher"])
+        tw, rows = teacher["config"]["guidance"], []
+        for name, model, w in ((title(teacher), load_ema(teacher, device), tw), (title(state), net, cfg.guidance)):
+            for steps in (1, 2, cfg.pair_steps):
+                with autocast(device):
+                    tr = euler(lambda z, t: velocity(model, z, t, y, w), z0, steps, cfg.eps)
+                rows.append(tr[-1][:20])
+                if steps == cfg.pair_steps:
+                    print(f"{name}: straightness S = {straightness(tr):.4f} over {steps} Euler steps")
+        save_png(out / "reflow.png", torch.cat(rows))
+        print(f"wrote {out}/reflow.png: rows of two = {title(teacher)} at 1, 2, {cfg.pair_steps} steps, "
+              f"then {title(state)} at 1, 2, {cfg.pair_steps} steps, same noise")
+
+
+# --- cli ---
+HELP = {"ch": "U-Net base channels", "blocks": "residual blocks per resolution", "dropout": "dropout",
+        "p_uncond": "label dropout rate (CFG)", "steps": "training steps", "batch_size": "batch size",
+        "lr": "learning rate", "ema": "EMA decay", "grad_clip": "gradient-norm clip",
+        "eps": "smallest t", "sample_steps": "Euler steps when sampling",
+        "num_samples": "samples to draw", "guidance": "classifier-free guidance scale",
+        "reflow_pairs": "(noise, sample) pairs for --reflow", "pair_steps": "teacher Euler steps per pair",
+        "log_every": "log every N steps", "ckpt_every": "checkpoint every N steps"}
+
+
+def make_config(args, base, fixed=True):
+    """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    for key in ARCH:
+        if fixed and key in given and given[key] != base[key]:
+            raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
+    return replace(Config(**base), **given)
+
+
+def pick_device(name):
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cuda, mps or cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: not available on this machine")
+    return device
+
+
+def number(kind, low=0.0, strict=True):
+    def parse(s):
+        x = kind(s)
+        if x < low or strict and x == low:
+            raise ValueError
+        return x
+    parse.__name__ = f"{'positive' if strict else 'non-negative'} {kind.__name__}"
+    return parse
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")          # one line, no usage dump
+    p.add_argument("--train", action="store_true", help="train (then sample too with --sample)")
+    p.add_argument("--sample", action="store_true", help="sample from the checkpoint's EMA weights")
+    p.add_argument("--preset", choices=PRESETS, help="hyperparameters sized for a GPU, a CPU, or tests "
+                   "(default: cpu when the device is a CPU, else gpu)")
+    for f in fields(Config):
+        kind = number(f.type, strict=f.name not in ("dropout", "p_uncond", "guidance", "grad_clip"))
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, metavar="N",
+                       help=f"{HELP[f.name]} (gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)})")
+    p.add_argument("--device", help="cuda, mps or cpu (default: cuda, else mps, else cpu)")
+    p.add_argument("--out", help=f"output folder (default: runs/{NAME}, or runs/{NAME}_reflow with --reflow)")
+    p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $XDIFFUSION_DATA, else ./data)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
+    p.add_argument("--ckpt", help="checkpoint to write, resume and sample (default: OUT/ckpt.pt)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--reflow", metavar="CKPT", help="train the next rectified flow on (noise, sample) pairs "
+                   "drawn from this checkpoint, with its guidance and --pair-steps (Sec. 2.2)")
+    p.add_argument("--distill", action="store_true", help="with --reflow: train only at t=eps for one-step "
+                   "sampling (Sec. 2.3, k=1)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if not (args.train or args.sample):
+        p.print_help()
+        return
+    try:
+        if args.distill and not args.reflow:
+            raise UserError("--distill needs --reflow CKPT: it distils a trained flow")
+        device = pick_device(args.device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        out = Path(args.out or f"runs/{NAME}{'_reflow' if args.reflow else ''}")
+        ckpt_path = Path(args.ckpt) if args.ckpt else out / "ckpt.pt"
+        if args.reflow and Path(args.reflow).resolve() == ckpt_path.resolve():
+            raise UserError(f"--reflow {args.reflow} would be overwritten: pass another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        if args.train:
+            train(args, device, out, ckpt_path)
+        if args.sample:
+            sample(args, device, out, ckpt_path)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

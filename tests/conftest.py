@@ -1,0 +1,59 @@
+"""Test helpers: fake MNIST in a temp folder, the list of paper scripts, and ways to run them.
+
+Every run is offline on purpose: proxies point at a closed local port, so a script that tried to
+download would fail at once instead of reaching the network."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared import write_fake_mnist  # noqa: E402
+
+SCRIPTS = sorted((ROOT / "image").glob("*.py")) + sorted((ROOT / "video").glob("*.py"))
+OFFLINE = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+
+
+def script_id(path):
+    return f"{path.parent.name}/{path.stem}"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path_factory):
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("XDIFFUSION_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory):
+    """A data folder with small random MNIST IDX files (64 train, 16 test digits)."""
+    return write_fake_mnist(tmp_path_factory.mktemp("data"))
+
+
+def load_script(path):
+    """Import a paper script as a module (tests may import scripts; scripts never import each other)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script, *args, timeout=600):
+    """Run a script as a user would, from the repository root, offline; returns CompletedProcess."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=os.environ.copy())
+
+
+def tiny(data, out, *extra):
+    """The smallest real run: tiny model, two training steps, two sampler steps, CPU, fake data."""
+    return ["--preset", "tiny", "--steps", "2", "--sample-steps", "2", "--device", "cpu",
+            "--data-dir", data, "--out", out, *extra]

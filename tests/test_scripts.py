@@ -1,0 +1,111 @@
+"""The contract every paper script keeps (see README): discovered, so new scripts are covered."""
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPTS, load_script, run, script_id, tiny
+
+pytestmark = pytest.mark.parametrize("script", SCRIPTS, ids=script_id)
+
+
+def one_line_error(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "%|" not in ln]  # tqdm bars aside
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_train_sample_outputs(script, fake_data, tmp_path):
+    r = run(script, "--train", "--sample", *tiny(fake_data, tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["script"] == script.stem and ckpt["step"] == 2
+    assert {"model", "ema", "opt", "config", "rng"} <= set(ckpt)
+    png = iio.imread(tmp_path / "samples.png")
+    assert png.dtype == np.uint8 and png.ndim in (2, 3) and min(png.shape[:2]) >= 32
+    gif = iio.imread(tmp_path / "samples.gif", index=None)
+    assert gif.dtype == np.uint8 and len(gif) >= 2
+    with np.load(tmp_path / "samples.npz") as f:
+        x = f["images"] if "images" in f else f["videos"]
+        assert x.dtype == np.uint8 and x.shape[-3:] == (1, 32, 32) and x.ndim in (4, 5)
+        assert x.max() > x.min()  # not a blank picture
+        if "labels" in f:
+            labels = f["labels"]
+            assert labels.dtype == np.int64 and labels.shape[0] == len(x) and labels.shape[1:] in ((), (2,))
+            assert labels.min() >= 0 and labels.max() <= 9
+    assert "step 2" in (tmp_path / "log.txt").read_text()
+
+
+def test_resume_and_no_overwrite(script, fake_data, tmp_path):
+    assert run(script, "--train", *tiny(fake_data, tmp_path)).returncode == 0
+    first = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    one_line_error(run(script, "--train", *tiny(fake_data, tmp_path)))  # would lose the checkpoint
+    r = run(script, "--train", "--resume", *tiny(fake_data, tmp_path, "--steps", "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert second["step"] == 4 and second["config"] == {**first["config"], "steps": 4}
+    assert "step 3" in (tmp_path / "log.txt").read_text()
+
+
+def test_ctrl_c_saves_checkpoint(script, fake_data, tmp_path):
+    p = subprocess.Popen([sys.executable, str(script), "--train", *tiny(fake_data, tmp_path, "--steps", "100000")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert 1 <= ckpt["step"] < 100000 and "--resume" in err
+
+
+def test_nan_loss_stops_and_keeps_last_good(script, fake_data, tmp_path):
+    r = run(script, "--train", *tiny(fake_data, tmp_path, "--steps", "50", "--lr", "1e30"))
+    assert "loss became" in one_line_error(r)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_missing_data_offline(script, tmp_path):
+    msg = one_line_error(run(script, "--train", *tiny(tmp_path / "nothing", tmp_path / "out")))
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path / "nothing") in msg
+
+
+def test_sample_without_checkpoint(script, tmp_path):
+    assert "no checkpoint" in one_line_error(run(script, "--sample", "--device", "cpu", "--out", tmp_path))
+
+
+def test_bad_input_in_process(script, fake_data, tmp_path, capsys):
+    """Foreign and corrupt checkpoints and bad flag values: SystemExit with one line, no exception."""
+    module = load_script(script)
+    torch.save({"script": "some_other_script", "model": {}}, tmp_path / "foreign.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint" * 10)
+    cases = {
+        ("--sample", "--ckpt", tmp_path / "foreign.pt"): "some_other_script",
+        ("--sample", "--ckpt", tmp_path / "corrupt.pt"): "not a readable checkpoint",
+        ("--train", "--steps", "-3"): "--steps",
+        ("--train", "--batch-size", "many"): "--batch-size",
+        ("--train", "--device", "tpu9"): "tpu9",
+    }
+    for args, needle in cases.items():
+        with pytest.raises(SystemExit) as e:
+            module.main([*map(str, args), "--out", str(tmp_path / "out"), "--data-dir", str(fake_data)])
+        msg = str(e.value.code)
+        assert e.value.code not in (0, None) and "\n" not in msg and needle in msg, (args, msg)
+
+
+def test_help_lists_the_contract(script, capsys):
+    module = load_script(script)
+    module.main([])  # neither --train nor --sample: print help
+    text = capsys.readouterr().out
+    for flag in ("--train", "--sample", "--steps", "--batch-size", "--lr", "--sample-steps", "--num-samples",
+                 "--device", "--out", "--data-dir", "--seed", "--resume", "--ckpt", "--compile", "--preset"):
+        assert flag in text, flag

@@ -1,0 +1,88 @@
+"""shared/: data loading through the real code on fake IDX files, prompts, and the writers."""
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import shared
+
+
+def test_mnist_pads_and_scales(fake_data):
+    x, y = shared.mnist(fake_data)
+    raw, _ = shared.mnist_uint8(fake_data)
+    assert x.shape == (64, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() == -1 and x.max() == 1
+    assert (x[:, :, :2] == -1).all() and (x[:, :, :, -2:] == -1).all()  # 2 background pixels each side
+    assert torch.equal(((x[:, 0, 2:30, 2:30] + 1) * 127.5).round().byte(), raw)
+    assert y.tolist() == [i % 10 for i in range(64)]
+    assert len(shared.mnist(fake_data, train=False)[0]) == 16
+
+
+def test_data_dir_order(monkeypatch):
+    monkeypatch.setenv("XDIFFUSION_DATA", "/env/data")
+    assert str(shared.data_dir("/flag")) == "/flag" and str(shared.data_dir()) == "/env/data"
+    monkeypatch.delenv("XDIFFUSION_DATA")
+    assert str(shared.data_dir()) == "data"
+
+
+def test_missing_mnist_is_a_user_error(tmp_path):
+    with pytest.raises(shared.UserError, match="t10k-labels-idx1-ubyte"):
+        shared.mnist(tmp_path)
+
+
+def test_moving_mnist_shapes_determinism_and_cache(fake_data):
+    v, y = shared.moving_mnist(fake_data, n=6, frames=16, seed=3)
+    assert v.shape == (6, 16, 1, 32, 32) and y.shape == (6, 2) and y.dtype == torch.int64
+    assert v.min() >= -1 and v.max() <= 1 and v.max() > -1
+    assert (fake_data / "MovingMNIST" / "moving_mnist_n6_t16_seed3.npz").exists()
+    v2, y2 = shared.moving_mnist(fake_data, n=6, frames=16, seed=3)  # from the cache
+    assert torch.equal(v, v2) and torch.equal(y, y2)
+    v3, _ = shared.moving_mnist(fake_data, n=6, frames=16, seed=4)
+    assert not torch.equal(v, v3)
+    assert (v[:, 1:] - v[:, :-1]).abs().mean() > 0  # digits move
+
+
+def test_moving_mnist_read_only_folder_falls_back(fake_data, tmp_path, monkeypatch):
+    """A data folder without write bits (as ../shared in CI): cache elsewhere, never fail."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.symlink(fake_data / "MNIST", ro / "MNIST")
+    os.chmod(ro, 0o555)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    v, _ = shared.moving_mnist(ro, n=3, frames=4)
+    assert v.shape == (3, 4, 1, 32, 32) and not (ro / "MovingMNIST").exists()
+    assert (tmp_path / "cache" / "xdiffusion" / "moving_mnist_n3_t4_seed0.npz").exists()
+    (tmp_path / "cache").chmod(0o555)  # nowhere to cache: still works
+    assert shared.moving_mnist(ro, n=2, frames=4)[0].shape == (2, 4, 1, 32, 32)
+
+
+def test_bounce_stays_on_canvas():
+    digits = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    v, y = shared.data._bouncing(digits, torch.tensor([4]), 50, 40, torch.Generator().manual_seed(0))
+    # two full squares of 14x14 after shrinking: never clipped by the edges
+    assert ((v.float().sum((2, 3, 4)) / 255) >= 14 * 14 - 1e-3).all() and (y == 4).all()
+
+
+def test_prompts():
+    assert shared.prompts(torch.tensor([7]), "digit") == ["7"]
+    assert shared.prompts(torch.tensor([7]), "word") == ["seven"]
+    assert shared.prompts(torch.tensor([7, 0])) == ["a handwritten seven", "a handwritten zero"]
+    assert shared.prompts(torch.tensor([[3, 5]]), "digit") == ["3 and 5"]
+    r = shared.prompts(torch.tensor([1] * 30), "random", torch.Generator().manual_seed(0))
+    assert set(r) == {"1", "one", "a handwritten one"}
+
+
+def test_writers(tmp_path):
+    x = torch.linspace(-1, 1, 12 * 32 * 32).view(12, 1, 32, 32)
+    png = iio.imread(shared.save_png(tmp_path / "a.png", x, nrow=4))
+    assert png.shape == (3 * 34 + 2, 4 * 34 + 2) and png.dtype == np.uint8
+    gif = iio.imread(shared.save_gif(tmp_path / "a.gif", torch.stack([x, -x, x]), nrow=4), index=None)
+    assert len(gif) == 3
+    shared.save_npz(tmp_path / "s.npz", images=x, labels=torch.arange(12), prompts=["a"] * 12)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].min() == 0 and f["images"].max() == 255
+        assert f["labels"].dtype == np.int64 and f["prompts"][0] == "a"
+    assert shared.to_uint8(torch.tensor([-5.0, 0.0, 5.0])).tolist() == [0, 128, 255]
+    assert not list(tmp_path.glob(".*tmp*"))  # written through temp files, all renamed
