@@ -5,7 +5,7 @@ Official code: github.com/gnobitab/RectifiedFlow (ImageGeneration/).
 The idea: learn an ODE dZ_t = v(Z_t, t) dt that carries noise X0 to data X1 by regressing v on the
 velocity X1 - X0 of the straight line between independently drawn pairs (Eq. 1). Where straight
 lines cross, v averages them, so the learned paths bend and an Euler solver needs many steps.
-Reflow (Sec. 2.2) re-pairs every noise Z0 with the sample Z1 the flow sends it to and trains a new
+Reflow (Sec. 2, Alg. 1) re-pairs every noise Z0 with the sample Z1 the flow sends it to and trains a new
 flow on those pairs: lines between such pairs no longer cross, the 2-rectified flow is nearly
 straight, and one or two Euler steps give good samples.
 
@@ -78,7 +78,7 @@ PRESETS = {
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10,
                    reflow_pairs=8, pair_steps=2, log_every=1, ckpt_every=1),  # tests only
 }
-ARCH = ("ch", "blocks")  # fixed by a checkpoint
+ZERO_OK = ("dropout", "p_uncond", "guidance")  # flags that may be 0; all others must be > 0
 
 
 # --- model ---
@@ -124,16 +124,6 @@ class Attention(nn.Module):
         return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
 
 
-class Down(nn.Conv2d):
-    def __init__(self, c):
-        super().__init__(c, c, 3, stride=2, padding=1)
-
-
-class Up(nn.Sequential):
-    def __init__(self, c):
-        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
-
-
 class UNet(nn.Module):
     """Class-conditional U-Net v(x, t, y): 32 -> 16 -> 8 with attention at 8x8; y = 10 is 'no label'."""
 
@@ -151,7 +141,7 @@ class UNet(nn.Module):
                 c = ch * m
                 skips.append(c)
             if i < len(mult) - 1:
-                self.down.append(Down(c))
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
         self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), Attention(c), ResBlock(c, c, emb, dropout)])
         self.up = nn.ModuleList()
@@ -160,7 +150,7 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), ch * m, emb, dropout))
                 c = ch * m
             if i > 0:
-                self.up.append(Up(c))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, 1, 3, padding=1)))
 
     def forward(self, x, t, y):                                           # x (B, 1, 32, 32), t (B,), y (B,)
@@ -191,7 +181,7 @@ def rf_loss(net, x0, x1, y, cfg, distill=False):
     """E || (X1 - X0) - v(X_t, t) ||^2 with t ~ U(eps, 1) (Eq. 1); distillation (k=1) fixes t = eps."""
     t = torch.rand(len(x1), device=x1.device) * (1 - cfg.eps) + cfg.eps
     if distill:
-        t = torch.full_like(t, cfg.eps)                                   # z1 ~ z0 + v(z0, eps), Sec. 2.3
+        t = torch.full_like(t, cfg.eps)                                   # z1 ~ z0 + v(z0, eps), Alg. 1
     y = torch.where(torch.rand(len(y), device=y.device) < cfg.p_uncond, NULL, y)   # CFG label dropout
     v = net(interpolate(x0, x1, t), t, y)
     return F.mse_loss(v.float(), x1 - x0)                                 # mean over pixels, as official
@@ -212,13 +202,13 @@ def euler(v, z0, n, eps=1e-3, bar=False):
     z, traj = z0, [z0]
     for i in tqdm(range(n), desc="sample", leave=False, disable=not bar):
         t = torch.full((len(z),), i / n * (1 - eps) + eps, device=z.device)
-        z = z + v(z, t).float() / n
+        z = z + v(z, t).to(z.dtype) / n
         traj.append(z)
     return torch.stack(traj)
 
 
 def straightness(traj):
-    """S = int_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt on an Euler trajectory (Sec. 2.2, 0 = straight)."""
+    """S = int_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt on an Euler trajectory (Sec. 2; 0 = straight)."""
     n = len(traj) - 1
     v = (traj[1:] - traj[:-1]) * n
     return ((traj[-1] - traj[0]) - v).pow(2).flatten(2).mean(2).mean().item()
@@ -230,126 +220,100 @@ def autocast(device):
 
 
 def make_pairs(teacher, n, device, out, bs=250):
-    """Reflow data (Sec. 2.2): noise Z0, label y and Z1 = ODE_teacher(Z0), cached in <out>/pairs.pt."""
+    """Reflow data (Alg. 1): noise Z0, label y and Z1 = ODE_teacher(Z0), cached in <out>/pairs.pt."""
     path = out / "pairs.pt"
-    if path.exists():
-        p = torch.load(path, map_location="cpu", weights_only=True)
-        if len(p["y"]) == n:
-            return p["z1"].float(), p["y"], p["z0"].float()
-    tc = Config(**teacher["config"])
-    net = UNet(tc.ch, tc.blocks).to(device).eval()
-    net.load_state_dict(teacher["ema"])
-    z0, y, z1 = torch.randn(n, 1, 32, 32), torch.randint(10, (n,)), []
-    for i in tqdm(range(0, n, bs), desc="reflow pairs"):
-        zb, yb = z0[i:i + bs].to(device), y[i:i + bs].to(device)
-        with autocast(device):
-            z1.append(euler(lambda z, t: velocity(net, z, t, yb, tc.guidance), zb, tc.pair_steps, tc.eps)[-1].cpu())
-    z1 = torch.cat(z1)
+    if path.exists() and len((p := torch.load(path, weights_only=True))["y"]) == n:
+        return p["z1"].float(), p["y"], p["z0"].float()
+    net, tc = load_ema(teacher, device), Config(**teacher["config"])
+    z0, y = torch.randn(n, 1, 32, 32), torch.randint(10, (n,))
+    z1 = torch.cat([euler(lambda z, t: velocity(net, z, t, yb, tc.guidance), zb, tc.pair_steps, tc.eps)[-1].cpu()
+                    for zb, yb in tqdm(zip(z0.to(device).split(bs), y.to(device).split(bs)),
+                                       total=-(-n // bs), desc="reflow pairs")])
     torch.save({"z0": z0.half(), "z1": z1.half(), "y": y}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     return z1, y, z0
 
 
-def save_ckpt(path, net, ema, opt, step, cfg, meta):
-    state = {"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
-             "opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), **meta}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)                                                 # atomic: never a half-written file
-
-
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
     teacher = load_ckpt(args.reflow) if args.reflow else None
-    if args.resume:
-        state = load_ckpt(ckpt_path)
-    elif ckpt_path.exists():
+    if ckpt_path.exists() and not args.resume:
         raise UserError(f"{ckpt_path} exists: continue it with --resume, or pass another --out")
-    else:
-        state = None
+    state = load_ckpt(ckpt_path) if args.resume else None
     if state:
-        base = state["config"]
-    elif teacher:   # the student starts as the teacher; pairs carry the guidance (see docstring)
+        base, meta = state["config"], {key: state[key] for key in ("k", "teacher", "distill")}
+    elif teacher:  # the student starts as its teacher; the pairs carry the guidance (see docstring)
         base = {**teacher["config"], "p_uncond": 0.0, "guidance": 1.0, "ema": 0.9999}
+        meta = {"k": teacher["k"] + (not args.distill), "teacher": str(args.reflow), "distill": args.distill}
     else:
         base = asdict(PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")])
+        meta = {"k": 1, "teacher": None, "distill": False}
     cfg = make_config(args, base, fixed=bool(state or teacher))
-    if state:   # k: which rectified flow; teacher: the checkpoint whose pairs it learns
-        meta = {key: state[key] for key in ("k", "teacher", "distill")}
-    else:
-        meta = {"k": teacher["k"] + (not args.distill) if teacher else 1,
-                "teacher": str(args.reflow) if teacher else None, "distill": args.distill}
     if teacher:
-        x1, y, x0 = make_pairs(teacher, cfg.reflow_pairs, device, out)
+        x1, y, x0 = (a.to(device) for a in make_pairs(teacher, cfg.reflow_pairs, device, out))
     else:
-        (x1, y), x0 = mnist(args.data_dir), None
-    x1, y, x0 = x1.to(device), y.to(device), x0.to(device) if x0 is not None else None
+        (x1, y), x0 = (a.to(device) for a in mnist(args.data_dir)), None
 
     net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
-    step = 0
+    step = state["step"] if state else 0
     if state:
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+        for obj, key in ((net, "model"), (ema, "ema"), (opt, "opt")):
+            obj.load_state_dict(state[key])
         torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and device.type == "cuda":
+        if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
-    elif teacher:
-        net.load_state_dict(teacher["ema"])                               # k+1-RF starts from the k-RF
+    elif teacher:  # the (k+1)-rectified flow starts from the k-rectified flow
+        net.load_state_dict(teacher["ema"])
         ema.load_state_dict(teacher["ema"])
     fwd = torch.compile(net) if args.compile else net
     log_path = out / "log.txt"
-    log(log_path, f"{NAME}, {title(meta)}: "
-                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(x1)} training "
-                  f"{'pairs' if teacher else 'images'}, device {device}, step {step}/{cfg.steps}, {cfg}")
+    log(log_path, f"{NAME}, {title(meta)}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+                  f"{len(x1)} training {'pairs' if teacher else 'images'}, {device}, step {step}/{cfg.steps}, {cfg}")
 
-    def save(done):
+    def check(done):  # a NaN/inf loss stops training before it can reach a checkpoint
         if not torch.isfinite(running):
             raise UserError(f"loss became {running.item()} before step {done}; stopped, the last good "
                             f"checkpoint is kept at {ckpt_path} (try a lower --lr)")
-        save_ckpt(ckpt_path, net, ema, opt, done, cfg, meta)
+
+    def save(done):
+        check(done)
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save({"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
+                    "opt": opt.state_dict(), "step": done, "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, **meta}, tmp)
+        os.replace(tmp, ckpt_path)                                        # atomic: never a half-written file
 
     net.train()
-    running, seen, clock = torch.zeros((), device=device), 0, time.time()
-    done = step
+    running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")
     try:
         for done in bar:
             idx = torch.randint(len(x1), (cfg.batch_size,), device=device)
-            z0 = x0[idx] if x0 is not None else torch.randn_like(x1[idx])  # reflow: fixed pairs
+            z0 = x0[idx] if x0 is not None else torch.randn_like(x1[idx])  # reflow: the fixed pairs
             with autocast(device):
                 loss = rf_loss(fwd, z0, x1[idx], y[idx], cfg, meta["distill"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
-            decay = min(cfg.ema, (1 + done) / (10 + done))                # EMA with warm-up
+            decay = min(cfg.ema, (1 + done) / (10 + done))                # EMA with a warm-up
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-            running += loss.detach()
-            seen += 1
-            done += 1
+            running, seen, done = running + loss.detach(), seen + 1, done + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                if not torch.isfinite(running):
-                    save(done)                                            # raises with the message
+                check(done)
                 rate = seen * cfg.batch_size / (time.time() - clock)
                 log(log_path, f"step {done} loss {running.item() / seen:.4f} images/s {rate:.0f}")
-                running.zero_()
-                seen, clock = 0, time.time()
+                running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
     except KeyboardInterrupt:
         bar.close()
         save(done)
-        print(f"interrupted: checkpoint of step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
+        print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     bar.close()
-    if step >= cfg.steps:
-        print(f"{ckpt_path} is already at step {step} of --steps {cfg.steps}: nothing to train")
 
 
 # --- sample ---
@@ -367,10 +331,6 @@ def load_ckpt(path):
     return state
 
 
-def title(state):
-    return f"{state['k']}-rectified flow{' (distilled)' if state['distill'] else ''}"
-
-
 def load_ema(state, device):
     cfg = Config(**state["config"])
     net = UNet(cfg.ch, cfg.blocks).to(device).eval()
@@ -378,74 +338,64 @@ def load_ema(state, device):
     return net
 
 
+def title(state):
+    return f"{state['k']}-rectified flow{' (distilled)' if state['distill'] else ''}"
+
+
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
-    cfg = make_config(args, state["config"])
-    net = load_ema(state, device)
-    n = cfg.num_samples
-    y = torch.arange(n, device=device) % 10                              # column k of the grid is digit k
-    z0 = torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    cfg, net = make_config(args, state["config"]), load_ema(state, device)
+    y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
+    z0 = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
     with autocast(device):
         traj = euler(lambda z, t: velocity(net, z, t, y, cfg.guidance), z0, cfg.sample_steps, cfg.eps, bar=True)
-    out.mkdir(parents=True, exist_ok=True)
     save_png(out / "samples.png", traj[-1])
     save_gif(out / "samples.gif", traj)
     save_npz(out / "samples.npz", images=traj[-1], labels=y)
-    print(f"wrote {out}/samples.png, samples.gif, samples.npz: {n} samples of the {title(state)} "
+    print(f"wrote {out}/samples.png, samples.gif, samples.npz: {len(y)} samples of the {title(state)} "
           f"(step {state['step']}), {cfg.sample_steps} Euler steps, guidance {cfg.guidance}")
     if state["teacher"] and Path(state["teacher"]).is_file():           # reflow: show what it bought
-        teacher = load_ckpt(state["teacher"])
-        tw, rows = teacher["config"]["guidance"], []
-        for name, model, w in ((title(teacher), load_ema(teacher, device), tw), (title(state), net, cfg.guidance)):
-            for steps in (1, 2, cfg.pair_steps):
+        teacher, rows = load_ckpt(state["teacher"]), []
+        for st, model in ((teacher, load_ema(teacher, device)), (state, net)):
+            for n in (1, 2, cfg.pair_steps):
                 with autocast(device):
-                    tr = euler(lambda z, t: velocity(model, z, t, y, w), z0, steps, cfg.eps)
+                    tr = euler(lambda z, t: velocity(model, z, t, y, st["config"]["guidance"]), z0, n, cfg.eps)
                 rows.append(tr[-1][:20])
-                if steps == cfg.pair_steps:
-                    print(f"{name}: straightness S = {straightness(tr):.4f} over {steps} Euler steps")
+            print(f"{title(st)}: straightness S = {straightness(tr):.4f} over {n} Euler steps")
         save_png(out / "reflow.png", torch.cat(rows))
-        print(f"wrote {out}/reflow.png: rows of two = {title(teacher)} at 1, 2, {cfg.pair_steps} steps, "
-              f"then {title(state)} at 1, 2, {cfg.pair_steps} steps, same noise")
+        print(f"wrote {out}/reflow.png: pairs of rows = the {title(teacher)} at 1, 2, {n} Euler steps, "
+              f"then the {title(state)} at 1, 2, {n}, from the same noise")
 
 
 # --- cli ---
-HELP = {"ch": "U-Net base channels", "blocks": "residual blocks per resolution", "dropout": "dropout",
-        "p_uncond": "label dropout rate (CFG)", "steps": "training steps", "batch_size": "batch size",
-        "lr": "learning rate", "ema": "EMA decay", "grad_clip": "gradient-norm clip",
-        "eps": "smallest t", "sample_steps": "Euler steps when sampling",
-        "num_samples": "samples to draw", "guidance": "classifier-free guidance scale",
-        "reflow_pairs": "(noise, sample) pairs for --reflow", "pair_steps": "teacher Euler steps per pair",
-        "log_every": "log every N steps", "ckpt_every": "checkpoint every N steps"}
+HELP = dict(ch="U-Net base channels", blocks="residual blocks per resolution", p_uncond="label dropout (CFG)",
+            eps="smallest t", sample_steps="Euler steps", guidance="classifier-free guidance scale",
+            reflow_pairs="(noise, sample) pairs for --reflow", pair_steps="teacher Euler steps per pair")
 
 
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    for key in ARCH:
+    for key in ("ch", "blocks"):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
     return replace(Config(**base), **given)
 
 
 def pick_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (cuda, mps or cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: not available on this machine")
-    return device
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = name or next(d for d in ok if ok[d])
+    if not ok.get(name.split(":")[0]):
+        raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
+    return torch.device(name)
 
 
-def number(kind, low=0.0, strict=True):
+def number(kind, zero_ok):
     def parse(s):
-        x = kind(s)
-        if x < low or strict and x == low:
+        if not ((x := kind(s)) > 0 or zero_ok and x == 0):
             raise ValueError
         return x
-    parse.__name__ = f"{'positive' if strict else 'non-negative'} {kind.__name__}"
+    parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
 
 
@@ -454,12 +404,10 @@ def parser():
     p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")          # one line, no usage dump
     p.add_argument("--train", action="store_true", help="train (then sample too with --sample)")
     p.add_argument("--sample", action="store_true", help="sample from the checkpoint's EMA weights")
-    p.add_argument("--preset", choices=PRESETS, help="hyperparameters sized for a GPU, a CPU, or tests "
-                   "(default: cpu when the device is a CPU, else gpu)")
+    p.add_argument("--preset", choices=PRESETS, help="sizes for a GPU, a CPU or tests (default: cpu on a CPU, else gpu)")
     for f in fields(Config):
-        kind = number(f.type, strict=f.name not in ("dropout", "p_uncond", "guidance", "grad_clip"))
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, metavar="N",
-                       help=f"{HELP[f.name]} (gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)})")
+        p.add_argument(f"--{f.name.replace('_', '-')}", metavar="N", type=number(f.type, f.name in ZERO_OK),
+                       help=f"{HELP.get(f.name, '')} (gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)})")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda, else mps, else cpu)")
     p.add_argument("--out", help=f"output folder (default: runs/{NAME}, or runs/{NAME}_reflow with --reflow)")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $XDIFFUSION_DATA, else ./data)")
@@ -468,9 +416,8 @@ def parser():
     p.add_argument("--ckpt", help="checkpoint to write, resume and sample (default: OUT/ckpt.pt)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--reflow", metavar="CKPT", help="train the next rectified flow on (noise, sample) pairs "
-                   "drawn from this checkpoint, with its guidance and --pair-steps (Sec. 2.2)")
-    p.add_argument("--distill", action="store_true", help="with --reflow: train only at t=eps for one-step "
-                   "sampling (Sec. 2.3, k=1)")
+                   "of this checkpoint, drawn with its guidance and --pair-steps (Alg. 1)")
+    p.add_argument("--distill", action="store_true", help="with --reflow: train at t=eps only, for one step (Alg. 1)")
     return p
 
 
@@ -478,14 +425,12 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     if not (args.train or args.sample):
-        p.print_help()
-        return
+        return p.print_help()
     try:
         if args.distill and not args.reflow:
             raise UserError("--distill needs --reflow CKPT: it distils a trained flow")
         device = pick_device(args.device)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         out = Path(args.out or f"runs/{NAME}{'_reflow' if args.reflow else ''}")
         ckpt_path = Path(args.ckpt) if args.ckpt else out / "ckpt.pt"
         if args.reflow and Path(args.reflow).resolve() == ckpt_path.resolve():

@@ -27,7 +27,7 @@ def test_train_sample_outputs(script, fake_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["script"] == script.stem and ckpt["step"] == 2
-    assert {"model", "ema", "opt", "config", "rng"} <= set(ckpt)
+    assert {"model", "ema", "opt", "config", "rng"} <= set(ckpt) and ckpt["script"] == script.stem
     png = iio.imread(tmp_path / "samples.png")
     assert png.dtype == np.uint8 and png.ndim in (2, 3) and min(png.shape[:2]) >= 32
     gif = iio.imread(tmp_path / "samples.gif", index=None)
