@@ -79,18 +79,15 @@ def test_missing_data_offline(script, tmp_path):
     assert "train-images-idx3-ubyte" in msg and str(tmp_path / "nothing") in msg
 
 
-def test_sample_without_checkpoint(script, tmp_path):
-    assert "no checkpoint" in one_line_error(run(script, "--sample", "--device", "cpu", "--out", tmp_path))
-
-
 def test_bad_input_in_process(script, fake_data, tmp_path, capsys):
-    """Foreign and corrupt checkpoints and bad flag values: SystemExit with one line, no exception."""
+    """No, foreign or corrupt checkpoints and bad flag values: SystemExit with one line, no exception."""
     module = load_script(script)
     torch.save({"script": "some_other_script", "model": {}}, tmp_path / "foreign.pt")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint" * 10)
     cases = {
         ("--sample", "--ckpt", tmp_path / "foreign.pt"): "some_other_script",
         ("--sample", "--ckpt", tmp_path / "corrupt.pt"): "not a readable checkpoint",
+        ("--sample",): "no checkpoint",
         ("--train", "--steps", "-3"): "--steps",
         ("--train", "--batch-size", "many"): "--batch-size",
         ("--train", "--device", "tpu9"): "tpu9",
