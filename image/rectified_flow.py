@@ -188,7 +188,8 @@ def rf_loss(net, x0, x1, y, cfg, distill=False):
 
 
 def velocity(net, x, t, y, w):
-    """Classifier-free guidance: v_uncond + w (v_cond - v_uncond); w = 1 is the plain conditional v."""
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with their w + 1 as our w):
+    v_uncond + w (v_cond - v_uncond); w = 1 is the plain conditional v."""
     if w == 1:
         return net(x, t, y)
     v_c, v_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).chunk(2)
@@ -219,17 +220,17 @@ def autocast(device):
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
-def make_pairs(teacher, n, device, out):
-    """Reflow data (Alg. 1): noise Z0, label y and Z1 = ODE_teacher(Z0), cached in <out>/pairs.pt."""
-    path, bs = out / "pairs.pt", 250 if device.type == "cpu" else 2000
-    if path.exists() and len((p := torch.load(path, weights_only=True))["y"]) == n:
+def make_pairs(teacher, source, n, device, out):
+    """Reflow data (Alg. 1): noise Z0, label y, Z1 = ODE_teacher(Z0); cached per teacher and count."""
+    path, bs, key = out / "pairs.pt", 250 if device.type == "cpu" else 2000, f"{source}@{teacher['step']}:{n}"
+    if path.exists() and (p := torch.load(path, weights_only=True)).get("key") == key:
         return p["z1"].float(), p["y"], p["z0"].float()
     net, tc = load_ema(teacher, device), Config(**teacher["config"])
     z0, y = torch.randn(n, 1, 32, 32), torch.randint(10, (n,))
     z1 = torch.cat([euler(lambda z, t: velocity(net, z, t, yb, tc.guidance), zb, tc.pair_steps, tc.eps)[-1].cpu()
                     for zb, yb in tqdm(zip(z0.to(device).split(bs), y.to(device).split(bs)),
                                        total=-(-n // bs), desc="reflow pairs")])
-    torch.save({"z0": z0.half(), "z1": z1.half(), "y": y}, path.with_suffix(".tmp"))
+    torch.save({"z0": z0.half(), "z1": z1.half(), "y": y, "key": key}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     return z1, y, z0
 
@@ -250,7 +251,7 @@ def train(args, device, out, ckpt_path):
         meta = {"k": 1, "teacher": None, "distill": False}
     cfg = make_config(args, base, fixed=bool(state or teacher))
     if teacher:
-        x1, y, x0 = (a.to(device) for a in make_pairs(teacher, cfg.reflow_pairs, device, out))
+        x1, y, x0 = (a.to(device) for a in make_pairs(teacher, meta["teacher"], cfg.reflow_pairs, device, out))
     else:
         (x1, y), x0 = (a.to(device) for a in mnist(args.data_dir)), None
 

@@ -105,6 +105,7 @@ def test_reflow_and_distill(fake_data, tmp_path):
     pairs = torch.load(tmp_path / "rf2" / "pairs.pt", weights_only=True)
     assert student["k"] == 2 and student["config"]["p_uncond"] == 0 and student["config"]["guidance"] == 1
     assert pairs["z0"].shape == pairs["z1"].shape == (8, 1, 32, 32) and pairs["y"].shape == (8,)
+    assert pairs["key"].startswith(str(tmp_path / "rf1" / "ckpt.pt"))  # pairs are tied to their teacher
     assert (tmp_path / "rf2" / "reflow.png").exists() and "straightness" in r.stdout
     r = run(script, "--reflow", tmp_path / "rf2" / "ckpt.pt", "--distill", "--train", *tiny(fake_data, tmp_path / "d"))
     d = torch.load(tmp_path / "d" / "ckpt.pt", weights_only=True)
