@@ -2,28 +2,24 @@
 Tero Karras, Miika Aittala, Timo Aila, Samuli Laine, 2022. https://arxiv.org/abs/2206.00364v2
 Official code: github.com/NVlabs/edm (training/{networks,loss,training_loop}.py, generate.py).
 
-The idea: take a diffusion model's design choices apart and pick each one on its own. A denoiser
-D(x; sigma) learns to return the data y from x = y + n, n ~ N(0, sigma^2 I) (Eq. 2). The network F
-is wrapped as D = c_skip x + c_out F(c_in x; c_noise) (Eq. 7, Table 1) so that its input and its
-target have unit variance at every noise level; the loss weight lambda = 1/c_out^2 weighs all sigma
-alike, and sigma is drawn log-normally where training helps most (Sec. 5). Sampling solves the ODE
-dx/dsigma = (x - D(x; sigma))/sigma with Heun's 2nd-order method on steps spaced by rho = 7 (Eq. 5,
-Alg. 1), optionally with fresh noise at each step ("churn", Alg. 2): 18 steps, 35 network calls.
+The idea: pick each design choice of a diffusion model on its own. A denoiser D(x; sigma) returns
+the data y from x = y + n, n ~ N(0, sigma^2 I) (Eq. 2), as D = c_skip x + c_out F(c_in x; c_noise)
+(Eq. 7, Table 1) so that F's input and target have unit variance at every sigma; the loss weight
+lambda = 1/c_out^2 weighs all sigma alike, and sigma is log-normal (Sec. 5). Sampling solves
+dx/dsigma = (x - D(x; sigma))/sigma with Heun's method on steps spaced by rho = 7 (Eq. 5, Alg. 1),
+optionally with fresh noise at each step ("churn", Alg. 2): 18 steps, 35 network calls.
 
-Time convention (as the paper): time is the noise level, t = sigma. Sampling starts from
-x_0 = 80 n at t_0 = sigma_max = 80 and ends on data at t_N = 0.
+Time convention (as the paper): time is the noise level t = sigma, from x_0 = 80 n at t_0 = 80 to
+data at t_N = 0.
 
 Deviations from the paper:
-- Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598v1), which EDM does not use, on
-  top of the paper's class-conditional setting (a label embedding): label dropout in training,
-  --guidance at sampling (1 = the paper's sampler; both passes share one batch, NFE stays 2N-1).
-- A small DDPM-style U-Net instead of DDPM++ (56M parameters), fed c_noise through a sinusoidal
-  embedding as official. About 1.3 Mimg of training (paper: 200 Mimg) at batch 128 (paper: 512),
-  with the lr warm-up and the EMA half-life scaled down to match.
+- Classifier-free guidance (arXiv 2207.12598v1) on top of the paper's class-conditional setting (a
+  label embedding): label dropout, --guidance (1 = the paper's sampler; one batched call, NFE 2N-1).
+- A small DDPM-style U-Net instead of DDPM++ (56M parameters), c_noise through a sinusoidal embedding
+  as official; 1.3 Mimg at batch 128 (paper: 200 Mimg, 512), lr warm-up and EMA half-life scaled down.
 - No augmentation pipe (paper: p = 0.12 on CIFAR-10): short runs do not overfit.
 - bf16 autocast on CUDA (paper: fp32 on CIFAR-10); the sampler runs in float32 on MPS (no float64).
-- samples.gif shows the denoised estimate D(x_hat_i; t_hat_i) of each step, then the sample x_N
-  (x_i itself is mostly noise far outside [-1, 1]).
+- samples.gif shows D(x_hat_i; t_hat_i) of each step, then x_N (x_i is noise far outside [-1, 1]).
 
 Usage:
   python image/edm.py --train --sample --data-dir ../shared/data
@@ -34,6 +30,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -41,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
@@ -77,10 +73,8 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, lr=1e-3, lr_rampup=10000, ema_halflife=10000,
-                  guidance=2.5),
-    "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10,
-                   log_every=1, ckpt_every=1),  # tests only
+    "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, lr_rampup=10000, ema_halflife=10000, guidance=2.5),
+    "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("dropout", "p_uncond", "guidance", "lr_rampup", "s_churn", "s_min")  # others must be > 0
 
@@ -112,8 +106,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, e):                                              # x (B, cin, H, W), e (B, emb)
-        h = self.conv1(x) + self.emb(e)[:, :, None, None]
-        return self.skip(x) + self.conv2(h)                               # (B, cout, H, W)
+        return self.skip(x) + self.conv2(self.conv1(x) + self.emb(e)[:, :, None, None])   # (B, cout, H, W)
 
 
 class Attention(nn.Module):
@@ -124,7 +117,7 @@ class Attention(nn.Module):
 
     def forward(self, x, e=None):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) x y -> n b h (x y) d", n=3, h=self.heads)
-        h = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, HW, d)
+        h = nn.functional.scaled_dot_product_attention(q, k, v)                 # (B, heads, HW, d)
         return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
 
 
@@ -133,8 +126,7 @@ class UNet(nn.Module):
 
     def __init__(self, ch=64, blocks=2, dropout=0.1, mult=(1, 2, 2), classes=10):
         super().__init__()
-        emb = 4 * ch
-        self.ch = ch
+        self.ch, emb = ch, 4 * ch
         self.time = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = nn.Embedding(classes + 1, emb)
         self.inp = nn.Conv2d(1, ch, 3, padding=1)
@@ -142,8 +134,7 @@ class UNet(nn.Module):
         for i, m in enumerate(mult):
             for _ in range(blocks):
                 self.down.append(ResBlock(c, ch * m, emb, dropout))
-                c = ch * m
-                skips.append(c)
+                skips.append(c := ch * m)
             if i < len(mult) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
@@ -178,8 +169,7 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # Table 1, Eq. 5
 
 
 def precond(sigma):
-    """c_skip, c_out, c_in, c_noise of Table 1 ("Ours"): for data of std sigma_data, F's input c_in x
-    and its target (y - c_skip x) / c_out have unit variance at every sigma (Sec. 5)."""
+    """c_skip, c_out, c_in, c_noise of Table 1: F's input and target have unit variance at every sigma (Sec. 5)."""
     c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
     c_out = sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
     c_in = 1 / (SIGMA_DATA ** 2 + sigma ** 2).sqrt()
@@ -204,8 +194,7 @@ def denoise(net, x, sigma, y, w=1.0):
 
 
 def edm_loss(net, y, labels, cfg):
-    """lambda(sigma) (D(y + n; sigma) - y)^2 per pixel, n ~ N(0, sigma^2 I), sigma log-normal (Eq. 8,
-    Table 1, official EDMLoss). The caller sums it over pixels and averages over the batch, as official."""
+    """lambda(sigma) (D(y + n; sigma) - y)^2 per pixel, ln sigma ~ N(P_mean, P_std^2) (Eq. 8, Table 1, EDMLoss)."""
     sigma = (torch.randn(len(y), 1, 1, 1, device=y.device) * P_STD + P_MEAN).exp()     # ln sigma ~ N(P_mean, P_std^2)
     labels = torch.where(torch.rand(len(labels), device=y.device) < cfg.p_uncond, NULL, labels)  # CFG dropout
     n = torch.randn_like(y) * sigma
@@ -221,9 +210,8 @@ def edm_sigmas(n):
 
 @torch.no_grad()
 def heun(D, noise, n, s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0, bar=False):
-    """Alg. 2 (Alg. 1 when s_churn = 0) with any denoiser D(x, sigma), as official edm_sampler: N steps,
-    2N - 1 calls of D, in the dtype of noise ~ N(0, I) (float64). Returns the denoised estimates
-    D(x_hat_i; t_hat_i) of steps i < N, then the sample x_N: (N + 1, B, ...)."""
+    """Alg. 2 (Alg. 1 if s_churn = 0) for any denoiser D(x, sigma), as official edm_sampler: N steps, 2N - 1
+    calls of D, in noise's dtype. Returns D(x_hat_i; t_hat_i) of steps i < N, then x_N: (N + 1, B, ...)."""
     t = edm_sigmas(n).to(noise.device, noise.dtype)
     x, frames = noise * t[0], []                                          # x_0 = n t_0
     for i in tqdm(range(n), desc="sample", leave=False, disable=not bar):
@@ -241,10 +229,6 @@ def heun(D, noise, n, s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0, bar=F
 
 
 # --- train ---
-def autocast(device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-
 def ema_beta(cfg, nimg):
     """EMA decay per step from a half-life in images, at most ema_rampup x nimg early on (official)."""
     return 0.5 ** (cfg.batch_size / max(min(cfg.ema_halflife, nimg * cfg.ema_rampup), 1e-8))
@@ -255,10 +239,9 @@ def train(args, device, out, ckpt_path):
     if ckpt_path.exists() and not args.resume:
         raise UserError(f"{ckpt_path} exists: continue it with --resume, or pass another --out")
     state = load_ckpt(ckpt_path) if args.resume else None
-    base = state["config"] if state else asdict(PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")])
-    cfg = make_config(args, base, fixed=bool(state))
+    preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
+    cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     x, y = (a.to(device) for a in mnist(args.data_dir))
-
     net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -270,17 +253,15 @@ def train(args, device, out, ckpt_path):
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
     fwd = torch.compile(net) if args.compile else net
-    log_path = out / "log.txt"
-    log(log_path, f"{NAME}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-                  f"{len(x)} training images, {device}, step {step}/{cfg.steps}, {cfg}")
+    log(out / "log.txt", f"{NAME}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+                         f"{len(x)} training images, {device}, step {step}/{cfg.steps}, {cfg}")
 
-    def check(done):  # a NaN/inf loss stops training before it can reach a checkpoint
+    def save(done, write=True):  # a NaN/inf loss stops training before it can reach a checkpoint
         if not torch.isfinite(running):
             raise UserError(f"loss became {running.item()} before step {done}; stopped, the last good "
                             f"checkpoint is kept at {ckpt_path} (try a lower --lr)")
-
-    def save(done):
-        check(done)
+        if not write:
+            return
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
         torch.save({"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
                     "opt": opt.state_dict(), "step": done, "rng": torch.get_rng_state(),
@@ -289,12 +270,11 @@ def train(args, device, out, ckpt_path):
 
     net.train()
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")
     try:
-        for done in bar:
+        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
             nimg = done * cfg.batch_size                                  # images seen before this step
             idx = torch.randint(len(x), (cfg.batch_size,), device=device)
-            with autocast(device):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = edm_loss(fwd, x[idx], y[idx], cfg)                 # (B, 1, 32, 32)
             opt.zero_grad(set_to_none=True)
             (loss.sum() / cfg.batch_size).backward()                      # important: sum over pixels, as official
@@ -306,18 +286,16 @@ def train(args, device, out, ckpt_path):
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta(cfg, nimg))
             running, seen, done = running + loss.detach().mean(), seen + 1, done + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                check(done)
-                rate = seen * cfg.batch_size / (time.time() - clock)
-                log(log_path, f"step {done} loss {running.item() / seen:.4f} images/s {rate:.0f}")
+                save(done, write=False)
+                log(out / "log.txt", f"step {done} loss {running.item() / seen:.4f} "
+                                     f"images/s {seen * cfg.batch_size / (time.time() - clock):.0f}")
                 running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
     except KeyboardInterrupt:
-        bar.close()
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    bar.close()
 
 
 # --- sample ---
@@ -329,27 +307,21 @@ def load_ckpt(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
-    if not isinstance(state, dict) or state.get("script") != NAME:
-        who = state.get("script") if isinstance(state, dict) else None
+    if (who := state.get("script") if isinstance(state, dict) else None) != NAME:
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
     return state
 
 
-def load_ema(state, device):
-    cfg = Config(**state["config"])
-    net = UNet(cfg.ch, cfg.blocks).to(device).eval()
-    net.load_state_dict(state["ema"])
-    return net
-
-
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
-    cfg, net = make_config(args, state["config"]), load_ema(state, device)
+    cfg = make_config(args, state["config"])
+    net = UNet(cfg.ch, cfg.blocks).to(device).eval()
+    net.load_state_dict(state["ema"])
     y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
     noise = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     noise = noise.to(torch.float32 if device.type == "mps" else torch.float64).to(device)   # MPS has no float64
     torch.manual_seed(args.seed)                                          # the churn noise, if any
-    with autocast(device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         traj = heun(lambda x, sigma: denoise(net, x, sigma, y, cfg.guidance), noise, cfg.sample_steps,
                     cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise, bar=True)
     save_png(out / "samples.png", traj[-1])
@@ -360,11 +332,7 @@ def sample(args, device, out, ckpt_path):
 
 
 # --- cli ---
-HELP = dict(ch="U-Net base channels", blocks="residual blocks per resolution", p_uncond="label dropout (CFG)",
-            lr_rampup="lr warm-up, in images", ema_halflife="EMA half-life, in images",
-            ema_rampup="EMA half-life ramp-up ratio", sample_steps="Heun steps N (2N-1 network calls)",
-            guidance="classifier-free guidance scale", s_churn="Alg. 2 S_churn (0: deterministic)",
-            s_min="Alg. 2 S_tmin", s_max="Alg. 2 S_tmax", s_noise="Alg. 2 S_noise")
+HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
 
 
 def make_config(args, base, fixed=True):
@@ -393,7 +361,7 @@ def number(kind, zero_ok):
     return parse
 
 
-def parser():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")          # one line, no usage dump
     p.add_argument("--train", action="store_true", help="train (then sample too with --sample)")
@@ -401,7 +369,7 @@ def parser():
     p.add_argument("--preset", choices=PRESETS, help="sizes for a GPU, a CPU or tests (default: cpu on a CPU, else gpu)")
     for f in fields(Config):
         p.add_argument(f"--{f.name.replace('_', '-')}", metavar="N", type=number(f.type, f.name in ZERO_OK),
-                       help=f"{HELP.get(f.name, '')} (gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)})")
+                       help=f"{HELP.get(f.name, '')} [gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)}]")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda, else mps, else cpu)")
     p.add_argument("--out", help=f"output folder (default: runs/{NAME})")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $XDIFFUSION_DATA, else ./data)")
@@ -409,11 +377,6 @@ def parser():
     p.add_argument("--resume", action="store_true", help="continue training from the checkpoint")
     p.add_argument("--ckpt", help="checkpoint to write, resume and sample (default: OUT/ckpt.pt)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    return p
-
-
-def main(argv=None):
-    p = parser()
     args = p.parse_args(argv)
     if not (args.train or args.sample):
         return p.print_help()
