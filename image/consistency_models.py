@@ -1,34 +1,32 @@
 """Consistency Models: "Consistency Models"
-Yang Song, Prafulla Dhariwal, Mark Chen, Ilya Sutskever, 2023. https://arxiv.org/abs/2303.01469v2
-and iCT: "Improved Techniques for Training Consistency Models", Yang Song, Prafulla Dhariwal, 2023,
-https://arxiv.org/abs/2310.14189v1. Official code: github.com/openai/consistency_models (cm/).
+Yang Song, Prafulla Dhariwal, Mark Chen, Ilya Sutskever, 2023. https://arxiv.org/abs/2303.01469v2, with iCT:
+"Improved Techniques for Training Consistency Models", Song & Dhariwal 2023, https://arxiv.org/abs/2310.14189v1.
+Official code: github.com/openai/consistency_models (cm/karras_diffusion.py, cm/script_util.py, scripts/).
 
-The idea: each trajectory of a diffusion model's probability-flow ODE (EDM's dx/dt = (x - D(x; t))/t)
-ends on a data point; a consistency function f(x_t, t) returns that end from any point of it (Sec. 3),
-so one network call turns noise into a sample. f = c_skip(t) x + c_out(t) F(x, t) with c_skip(eps) = 1,
+The idea: each trajectory of a diffusion model's probability-flow ODE (EDM's dx/dt = (x - D(x; t))/t) ends
+on a data point; a consistency function f(x_t, t) returns that end from any point of it (Sec. 3), so one
+network call turns noise into a sample. f = c_skip(t) x + c_out(t) F(x, t) with c_skip(eps) = 1 and
 c_out(eps) = 0 makes f(x, eps) = x exact (Eq. 5). Training makes f agree on adjacent points t_n < t_{n+1}
-of a discretised trajectory against a target network theta^- (an EMA of theta with decay mu): the earlier
-point comes from one Heun step of a teacher (distillation, CD, Alg. 2) or, with no teacher, from the same
-data and noise (training, CT, Alg. 3), with N growing and mu -> 1 during training (App. C).
+of a discretised trajectory against a target network theta^- (an EMA of theta, decay mu): the earlier point
+comes from one Heun step of a teacher (distillation, CD, Alg. 2) or, with no teacher, from the same data and
+noise (training, CT, Alg. 3), with N growing and mu -> 1 during training (App. C).
 
-Time convention (EDM's): time is the noise level t in [eps, T] = [0.002, 80], x_t = x + t z; sampling
-starts at T z and ends on data.
+Time convention (EDM's): time is the noise level t in [eps, T] = [0.002, 80], x_t = x + t z, from T z to data.
 
 Deviations from the paper:
 - d is squared L2 (in the paper too) or iCT's pseudo-Huber: LPIPS needs pretrained VGG weights, which
   cannot be downloaded here (the paper's best numbers use LPIPS).
-- Class-conditional (the paper's ImageNet setting) with label dropout, so --guidance can mix F_c and F_u
-  at sampling (not in the paper; 1 = off). CD distils the teacher guided at --teacher-guidance.
-- The U-Net of image/edm.py (NCSN++/ADM in the paper) with its c_noise = ln(t)/4 (official: 250 ln t,
-  its teacher's), so the CD student starts from the teacher's weights as official. K = 1.5-20k steps at
-  batch 64-128 (paper: 800k at 512), s1 scaled down with K.
+- Class-conditional (the paper's ImageNet setting). CD distils the teacher with classifier-free guidance
+  at --teacher-guidance (not in the paper), so the student draws guided digits in one call.
+- The U-Net of image/edm.py (paper: NCSN++/ADM) and its c_noise = ln(t)/4 (official: 250 ln t, its teacher's),
+  so CD starts from the teacher's weights as official. K = 1.5-20k steps at batch 64-128 (paper: 800k, 512).
 - iCT (--ict 1) from its paper (no official code): mu = 0, pseudo-Huber, lambda = 1/(t_{n+1} - t_n),
   log-normal index sampling, N doubling from 10 to 1280.
 
 Usage:
-  python image/consistency_models.py --train --sample --data-dir ../shared/data   # CT (--ict 1: iCT)
-  python image/edm.py --train --data-dir ../shared/data && python image/consistency_models.py --train --sample \
-      --distill runs/edm/ckpt.pt --out runs/cd && python image/consistency_models.py --sample --sample-steps 2 --out runs/cd
+  python image/consistency_models.py --train --sample --data-dir ../shared/data     # CT (--ict 1: iCT)
+  python image/consistency_models.py --train --sample --distill runs/edm/ckpt.pt --out runs/cd   # CD
+  python image/consistency_models.py --sample --sample-steps 2 --out runs/cd         # 2-step sampling
 """
 import argparse
 import copy
@@ -57,7 +55,6 @@ class Config:
     ch: int = 64                 # U-Net base channels (paper: NCSN++ with 128)
     blocks: int = 2              # residual blocks per resolution (paper: 4)
     dropout: float = 0.0         # paper: 0 (CIFAR-10); iCT: 0.3
-    p_uncond: float = 0.1        # label dropout for classifier-free guidance (paper: no guidance)
     steps: int = 20000           # K training steps (paper: 800k)
     batch_size: int = 128        # paper: 512
     lr: float = 4e-4             # RAdam (paper: 4e-4 CD, 2e-4 CT on CIFAR-10; iCT 1e-4)
@@ -65,24 +62,20 @@ class Config:
     s0: int = 2                  # CT: N(0) (paper: 2)
     s1: int = 150                # CT: N(K) - 1 (paper: 150 on CIFAR-10)
     mu0: float = 0.9             # CT: target EMA decay mu at k = 0 (paper: 0.9)
-    cd_n: int = 18               # CD: N steps of the teacher's ODE (paper: 18 on CIFAR-10)
-    cd_mu: float = 0.0           # CD: target EMA decay mu (paper: 0 on CIFAR-10, 0.95 ImageNet)
     teacher_guidance: float = 2.0  # CD: classifier-free guidance scale of the teacher (paper: none)
     ict: int = 0                 # 1: iCT's loss, weighting, index sampling and curriculum
     sample_steps: int = 1        # network calls at sampling (paper: 1 and 2)
     last_sigma: float = 0.821    # multistep: the smallest tau (iCT's 2-step choice on CIFAR-10)
     num_samples: int = 100
-    guidance: float = 1.0        # classifier-free guidance scale w at sampling (1 = off)
     log_every: int = 100
     ckpt_every: int = 1000
-
 
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(ch=16, blocks=1, batch_size=64, steps=1500, lr=1e-3, ema_decay=0.995, s1=60),
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
-ZERO_OK = ("dropout", "p_uncond", "cd_mu", "ict", "guidance", "teacher_guidance")  # others must be > 0
+ZERO_OK = ("dropout", "ict", "teacher_guidance")  # others must be > 0
 
 
 # --- model ---
@@ -92,16 +85,13 @@ def timestep_embedding(t, dim, max_period=10000):
     args = t.float()[:, None] * freqs                                     # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
-
 def norm(c):
     return nn.GroupNorm(math.gcd(8, c), c)
-
 
 def zero(module):
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb, dropout):
@@ -114,7 +104,6 @@ class ResBlock(nn.Module):
     def forward(self, x, e):                                              # x (B, cin, H, W), e (B, emb)
         return self.skip(x) + self.conv2(self.conv1(x) + self.emb(e)[:, :, None, None])   # (B, cout, H, W)
 
-
 class Attention(nn.Module):
     def __init__(self, c, heads=4):
         super().__init__()
@@ -125,7 +114,6 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) x y -> n b h (x y) d", n=3, h=self.heads)
         h = nn.functional.scaled_dot_product_attention(q, k, v)                 # (B, heads, HW, d)
         return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
-
 
 class UNet(nn.Module):  # same as image/edm.py: the CD teacher loads into it
     """Class-conditional U-Net F(x, c_noise, y): 32 -> 16 -> 8 with attention at 8x8; y = 10 is 'no label'."""
@@ -169,10 +157,9 @@ class UNet(nn.Module):  # same as image/edm.py: the CD teacher loads into it
 
 
 # --- diffusion ---
-NULL = 10  # the 'no label' class of classifier-free guidance
-SIGMA_DATA, EPS, T, RHO = 0.5, 0.002, 80.0, 7.0    # App. C (EDM's values)
+NULL, SIGMA_DATA, EPS, T, RHO = 10, 0.5, 0.002, 80.0, 7.0   # 'no label' class (CFG); App. C (EDM's values)
+CD_N, CD_MU = 18, 0.0                              # CD: N and mu (App. C, CIFAR-10: mu = 0, theta^- = theta)
 ICT_S0, ICT_S1, ICT_P_MEAN, ICT_P_STD = 10, 1280, -1.1, 2.0   # iCT Sec. 3.3-3.5
-
 
 def precond(t, eps=EPS):
     """c_skip, c_out, c_in, c_noise of App. C: c_skip(eps) = 1, c_out(eps) = 0, so f(x, eps) = x (Eq. 5).
@@ -181,10 +168,9 @@ def precond(t, eps=EPS):
     c_out = SIGMA_DATA * (t - eps) / (SIGMA_DATA ** 2 + t ** 2).sqrt()
     return c_skip, c_out, 1 / (SIGMA_DATA ** 2 + t ** 2).sqrt(), t.log() / 4
 
-
 def denoise(net, x, t, y, w=1.0, eps=EPS):
-    """f_theta(x, t) = c_skip x + c_out F(c_in x; c_noise) (Eq. 5), or the teacher's D with eps = 0.
-    Classifier-free guidance uses F_u + w (F_c - F_u) (w = 1: conditional only)."""
+    """f_theta(x, t) = c_skip x + c_out F(c_in x; c_noise) (Eq. 5), or the teacher's D with eps = 0 and guidance
+    F_u + w (F_c - F_u) (w = 1: conditional only; y = NULL: unconditional)."""
     t = t.to(x.dtype).reshape(-1, 1, 1, 1).expand(len(x), 1, 1, 1)     # (B, 1, 1, 1)
     c_skip, c_out, c_in, c_noise = precond(t, eps)
     if w == 1:
@@ -193,29 +179,23 @@ def denoise(net, x, t, y, w=1.0, eps=EPS):
                    torch.cat([y, torch.full_like(y, NULL)])).to(x.dtype).chunk(2)
     return c_skip * x + c_out * (f_u + w * (f_c - f_u))
 
-
 def karras(n, lo=EPS, hi=T):
     """t_i = (eps^(1/rho) + (i-1)/(N-1) (T^(1/rho) - eps^(1/rho)))^rho, i = 1..N: t_1 = eps, t_N = T (App. C)."""
     i = torch.arange(n, dtype=torch.float64)
     return (lo ** (1 / RHO) + i / max(n - 1, 1) * (hi ** (1 / RHO) - lo ** (1 / RHO))) ** RHO
 
-
 def schedule(k, cfg, distill):
     """N(k) and the target decay mu(k) at step k (App. C, official create_ema_and_scales_fn)."""
     if distill:
-        return cfg.cd_n, cfg.cd_mu
+        return CD_N, CD_MU
     if cfg.ict:  # iCT Sec. 3.4: N doubles every K' steps from s0 = 10 to s1 = 1280; Sec. 3.2: mu = 0
         k_prime = math.floor(cfg.steps / (math.log2(ICT_S1 // ICT_S0) + 1))
         return min(ICT_S0 * 2 ** (k // max(k_prime, 1)), ICT_S1) + 1, 0.0
     n = max(math.ceil(math.sqrt(k / cfg.steps * ((cfg.s1 + 1) ** 2 - cfg.s0 ** 2) + cfg.s0 ** 2) - 1), 1)
     return n + 1, math.exp(cfg.s0 * math.log(cfg.mu0) / n)   # important: official N(k) - 1 in mu(k), not N(k)
 
-
-def distance(diff, ict):
-    """d per image for diff (B, D): mean squared error, or iCT's pseudo-Huber with c = 0.00054 sqrt(D) (Sec. 3.3)."""
-    c = 0.00054 * math.sqrt(diff.shape[1])
-    return ((diff.pow(2).sum(1) + c ** 2).sqrt() - c) if ict else diff.pow(2).mean(1)
-
+def distance(diff, ict):  # d per image, diff (B, D): squared L2 (mean), or iCT's pseudo-Huber (Sec. 3.3)
+    return ((diff.pow(2).sum(1) + (c := 0.00054 * diff.shape[1] ** 0.5) ** 2).sqrt() - c) if ict else diff.pow(2).mean(1)
 
 def heun_step(D, x, t, t_next):
     """One Heun step of the teacher's PF ODE dx/dt = (x - D(x; t))/t from t to t_next (Alg. 2, EDM Alg. 1)."""
@@ -223,31 +203,24 @@ def heun_step(D, x, t, t_next):
     x_euler = x + (t_next - t) * d
     return x + (t_next - t) * (d + (x_euler - D(x_euler, t_next)) / t_next) / 2
 
-
-def cm_loss(net, target, x, labels, k, cfg, teacher=None):
-    """lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x_hat_{t_n}, t_n)) per image (Alg. 2 and 3)."""
-    n, _ = schedule(k, cfg, teacher is not None)
+def cm_loss(net, target, x, labels, n, cfg, teacher=None):
+    """lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x_hat_{t_n}, t_n)) per image, N steps (Alg. 2, 3)."""
     t = karras(n).to(x.device, x.dtype)                                  # (N,) t_1 = eps ... t_N = T
-    if cfg.ict and teacher is None:  # iCT Sec. 3.5: p(i) ~ erf((ln t_{i+1} - P_mean)/(sqrt2 P_std)) - erf(ln t_i ...)
-        cdf = torch.erf((t.log() - ICT_P_MEAN) / (math.sqrt(2) * ICT_P_STD))
-        idx = torch.multinomial(cdf[1:] - cdf[:-1], len(x), replacement=True)
-    else:
-        idx = torch.randint(n - 1, (len(x),), device=x.device)           # n ~ U{1, ..., N-1}
+    cdf = torch.erf((t.log() - ICT_P_MEAN) / (math.sqrt(2) * ICT_P_STD))   # iCT Sec. 3.5: p(i) ~ cdf_{i+1} - cdf_i
+    p = cdf[1:] - cdf[:-1] if cfg.ict and teacher is None else torch.ones_like(t[1:])   # CT, CD: n ~ U{1..N-1}
+    idx = torch.multinomial(p, len(x), replacement=True)                 # (B,) pairs (t_n, t_{n+1})
     t_n, t_n1 = t[idx].view(-1, 1, 1, 1), t[idx + 1].view(-1, 1, 1, 1)
-    labels = torch.where(torch.rand(len(labels), device=x.device) < cfg.p_uncond, NULL, labels)  # CFG dropout
     z = torch.randn_like(x)
     x_n1 = x + t_n1 * z                                                   # x_{t_{n+1}}
     with torch.no_grad():
         if teacher is None:
             x_n = x + t_n * z                                             # CT: the same z (Alg. 3)
         else:                                                             # CD: one teacher Heun step (Alg. 2)
-            x_n = heun_step(lambda v, s: denoise(teacher, v, s, labels, cfg.teacher_guidance, eps=0),
-                            x_n1, t_n1, t_n)
+            x_n = heun_step(lambda v, s: denoise(teacher, v, s, labels, cfg.teacher_guidance, 0), x_n1, t_n1, t_n)
         with torch.random.fork_rng([] if x.is_cpu else None, device_type=x.device.type):  # the same dropout
             f_target = denoise(target, x_n, t_n, labels)
     d = distance((denoise(net, x_n1, t_n1, labels) - f_target).flatten(1), cfg.ict)   # (B,)
     return d / (t_n1 - t_n).flatten() if cfg.ict else d                  # lambda = 1/(t_{n+1} - t_n) (iCT), or 1
-
 
 @torch.no_grad()
 def multistep(f, z, taus):
@@ -264,8 +237,7 @@ def train(args, device, out, ckpt_path):
     if ckpt_path.exists() and not args.resume:
         raise UserError(f"{ckpt_path} exists: continue it with --resume, or pass another --out")
     state = load_ckpt(ckpt_path) if args.resume else None
-    preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
-    base = state["config"] if state else asdict(PRESETS[preset])
+    base = state["config"] if state else asdict(PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")])
     teacher = teacher_path = args.distill or (state or {}).get("teacher")
     if teacher:  # CD: the EMA network of an image/edm.py checkpoint (its file, not its code), frozen
         t_state = load_ckpt(teacher_path, "edm")
@@ -309,12 +281,12 @@ def train(args, device, out, ckpt_path):
     try:
         for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
             idx = torch.randint(len(x), (cfg.batch_size,), device=device)
+            n, mu = schedule(done, cfg, teacher is not None)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = cm_loss(fwd, target, x[idx], y[idx], done, cfg, teacher)   # (B,)
+                loss = cm_loss(fwd, target, x[idx], y[idx], n, cfg, teacher)   # (B,)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()
             opt.step()
-            mu = schedule(done, cfg, teacher is not None)[1]
             torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), 1 - mu)   # theta^- (Alg. 3)
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - cfg.ema_decay)
             running, seen, done = running + loss.detach().mean(), seen + 1, done + 1
@@ -344,7 +316,6 @@ def load_ckpt(path, script=NAME):
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {script}.py")
     return state
 
-
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
@@ -356,7 +327,7 @@ def sample(args, device, out, ckpt_path):
     taus = (karras(n, cfg.last_sigma, T).flip(0) if n > 1 else torch.tensor([T])).to(device, torch.float32)
     torch.manual_seed(args.seed)                                          # the multistep noise
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        xs = multistep(lambda x, t: denoise(net, x, t, y, cfg.guidance), z, taus)
+        xs = multistep(lambda x, t: denoise(net, x, t, y), z, taus)
     save_png(out / "samples.png", xs[-1])
     save_gif(out / "samples.gif", xs)                                     # z, then f(.) after each call
     save_npz(out / "samples.npz", images=xs[-1], labels=y)
@@ -367,7 +338,6 @@ def sample(args, device, out, ckpt_path):
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
 
-
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
@@ -376,14 +346,12 @@ def make_config(args, base, fixed=True):
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
     return replace(Config(**base), **given)
 
-
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = name or next(d for d in ok if ok[d])
     if not ok.get(name.split(":")[0]):
         raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
     return torch.device(name)
-
 
 def number(kind, zero_ok):
     def parse(s):
@@ -392,7 +360,6 @@ def number(kind, zero_ok):
         return x
     parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -63,7 +63,6 @@ class Config:
     log_every: int = 100
     ckpt_every: int = 1000
 
-
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(hidden=96, depth=4, heads=4, patch=4, batch_size=64, steps=1800, lr=1e-3, ema=0.999, sample_steps=100),
@@ -80,25 +79,20 @@ def timestep_embedding(t, dim, max_period=10000):
     args = t.float()[:, None] * freqs                                     # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
-
 def sincos_2d(dim, n):
     """Fixed 2-D sin-cos positions of an n x n grid, (n*n, dim): sin, cos of the column, then of the row (MAE)."""
     omega = 1 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     row, col = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     return torch.cat([f(pos.flatten()[:, None] * omega) for pos in (col, row) for f in (torch.sin, torch.cos)], 1).float()
 
-
 def patchify(x, p):
     return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)  # (B, C, H, W) -> (B, HW/p^2, p*p*C)
-
 
 def unpatchify(x, p, h):
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)  # official 'nhwpqc->nchpwq'
 
-
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
-
 
 class DiTBlock(nn.Module):  # the paper's idea, adaLN-Zero (Sec. 3.2, Fig. 3): c regresses shift, scale and gate
     def __init__(self, dim, heads, mlp_ratio=4):
@@ -114,7 +108,6 @@ class DiTBlock(nn.Module):  # the paper's idea, adaLN-Zero (Sec. 3.2, Fig. 3): c
         x = x + gate1 * self.attn(h, h, h, need_weights=False)[0]
         return x + gate2 * self.mlp(modulate(self.norm(x), shift2, scale2))
 
-
 class FinalLayer(nn.Module):  # LayerNorm, adaLN shift and scale (no gate), a linear decoder to p*p*C_out per token
     def __init__(self, dim, p, c_out):
         super().__init__()
@@ -124,7 +117,6 @@ class FinalLayer(nn.Module):  # LayerNorm, adaLN shift and scale (no gate), a li
     def forward(self, x, c):                                              # x (B, N, D), c (B, D)
         shift, scale = self.ada(c)[:, None].chunk(2, -1)
         return self.linear(modulate(self.norm(x), shift, scale))          # (B, N, p*p*C_out)
-
 
 class DiT(nn.Module):  # class-conditional DiT (Fig. 3): (B, C, 32, 32) -> eps and v, (B, 2C, 32, 32); y = 10: no label
     def __init__(self, hidden=256, depth=8, heads=4, patch=2, p_uncond=0.1, size=32, channels=1, classes=10):
@@ -158,13 +150,11 @@ class DiT(nn.Module):  # class-conditional DiT (Fig. 3): (B, C, 32, 32) -> eps a
 NULL, T, LAMBDA = 10, 1000, 1e-3   # the 'no label' class; diffusion steps; weight of L_vlb (IDDPM Eq. 16)
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)             # DDPM's linear schedule (paper)
 
-
 def respace(betas, n):
     """n steps spaced as official space_timesteps; betas 1 - alpha_bar_k / alpha_bar_(previous kept) (respace.py)."""
     kept = torch.tensor([round(i) for i in accumulate([0.0] + [(len(betas) - 1) / (n - 1)] * (n - 1))])
     alpha_bar = torch.cumprod(1 - betas, 0)[kept]
     return kept, 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-
 
 def schedule(betas, device=None):
     """What a chain of betas needs (DDPM Eqs. 4, 6, 7): computed in float64 as official, kept as (T, 1, 1, 1) float32."""
@@ -177,10 +167,8 @@ def schedule(betas, device=None):
              coef_xt=(1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar))
     return {k: v.float().view(-1, 1, 1, 1).to(device) for k, v in s.items()}
 
-
 def q_sample(s, x0, t, eps):
     return s["alpha_bar"][t].sqrt() * x0 + (1 - s["alpha_bar"][t]).sqrt() * eps   # DDPM Eq. 4
-
 
 def p_mean_var(s, out, xt, t, clip=math.inf):
     """p(x_{t-1} | x_t) from the output (eps, v): the posterior mean at x0_hat (DDPM Eqs. 7, 15) and the
@@ -189,7 +177,6 @@ def p_mean_var(s, out, xt, t, clip=math.inf):
     log_var = (v + 1) / 2 * s["log_beta"][t] + (1 - v) / 2 * s["log_beta_tilde"][t]
     x0 = ((xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()).clamp(-clip, clip)
     return s["coef_x0"][t] * x0 + s["coef_xt"][t] * xt, log_var, x0
-
 
 def vb_term(s, out, x0, xt, t):
     """L_t in bits per dim (IDDPM Sec. 2.1): KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the
@@ -201,7 +188,6 @@ def vb_term(s, out, x0, xt, t):
     nll = -torch.where(x0 < -0.999, hi, torch.where(x0 > 0.999, 1 - lo, hi - lo)).clamp(min=1e-12).log()  # edge bins open
     return torch.where(t == 0, nll.mean((1, 2, 3)), kl.mean((1, 2, 3))) / math.log(2)   # (B,)
 
-
 def dit_loss(net, s, x0, y):
     """Hybrid loss L_simple + lambda L_vlb (IDDPM Eq. 16) at one t: L_vlb = T E_t[L_t], lambda T = 1 (official MSE)."""
     t, eps = torch.randint(0, T, (len(x0),), device=x0.device), torch.randn_like(x0)
@@ -210,7 +196,6 @@ def dit_loss(net, s, x0, y):
     frozen = torch.cat([eps_hat.detach(), v], 1)                          # important: stop-gradient on the mean
     return ((eps - eps_hat) ** 2).mean((1, 2, 3)) + LAMBDA * T * vb_term(s, frozen, x0, xt, t)   # (B,)
 
-
 def guided(net, x, t, y, w=1.0):
     """Classifier-free guidance eps_u + w (eps_c - eps_u) on eps only, v from the conditional half (see the docstring)."""
     if w == 1:
@@ -218,7 +203,6 @@ def guided(net, x, t, y, w=1.0):
     out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).float().chunk(2)
     c = x.shape[1]                                                        # image channels: eps is out[:, :c]
     return torch.cat([out_u[:, :c] + w * (out_c[:, :c] - out_u[:, :c]), out_c[:, c:]], 1)
-
 
 @torch.no_grad()
 def ddpm_sample(model, noise, n, frames=20, bar=False):
@@ -310,7 +294,6 @@ def load_ckpt(path):
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
     return state
 
-
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
@@ -331,7 +314,6 @@ def sample(args, device, out, ckpt_path):
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
 
-
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
@@ -343,14 +325,12 @@ def make_config(args, base, fixed=True):
         raise UserError(f"need --patch dividing 32, --hidden divisible by 4 and --heads, 2 <= --sample-steps <= {T}")
     return cfg
 
-
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = name or next(d for d in ok if ok[d])
     if not ok.get(name.split(":")[0]):
         raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
     return torch.device(name)
-
 
 def number(kind, zero_ok):
     def parse(s):
@@ -359,7 +339,6 @@ def number(kind, zero_ok):
         return x
     parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

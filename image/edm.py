@@ -70,7 +70,6 @@ class Config:
     log_every: int = 100
     ckpt_every: int = 1000
 
-
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, lr_rampup=10000, ema_halflife=10000, guidance=2.5),
@@ -86,16 +85,13 @@ def timestep_embedding(t, dim, max_period=10000):
     args = t.float()[:, None] * freqs                                     # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
-
 def norm(c):
     return nn.GroupNorm(math.gcd(8, c), c)
-
 
 def zero(module):
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb, dropout):
@@ -108,7 +104,6 @@ class ResBlock(nn.Module):
     def forward(self, x, e):                                              # x (B, cin, H, W), e (B, emb)
         return self.skip(x) + self.conv2(self.conv1(x) + self.emb(e)[:, :, None, None])   # (B, cout, H, W)
 
-
 class Attention(nn.Module):
     def __init__(self, c, heads=4):
         super().__init__()
@@ -119,7 +114,6 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) x y -> n b h (x y) d", n=3, h=self.heads)
         h = nn.functional.scaled_dot_product_attention(q, k, v)                 # (B, heads, HW, d)
         return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
-
 
 class UNet(nn.Module):
     """Class-conditional U-Net F(x, c_noise, y): 32 -> 16 -> 8 with attention at 8x8; y = 10 is 'no label'."""
@@ -167,7 +161,6 @@ NULL = 10  # the 'no label' class of classifier-free guidance
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2    # Table 1; kept for MNIST (its std is 0.57 in [-1, 1])
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # Table 1, Eq. 5
 
-
 def precond(sigma):
     """c_skip, c_out, c_in, c_noise of Table 1: F's input and target have unit variance at every sigma (Sec. 5)."""
     c_skip = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2)
@@ -175,11 +168,9 @@ def precond(sigma):
     c_in = 1 / (SIGMA_DATA ** 2 + sigma ** 2).sqrt()
     return c_skip, c_out, c_in, sigma.log() / 4
 
-
 def loss_weight(sigma):
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2 (Table 1)."""
     return (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
-
 
 def denoise(net, x, sigma, y, w=1.0):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Eq. 7), in float32 as official EDMPrecond.
@@ -192,7 +183,6 @@ def denoise(net, x, sigma, y, w=1.0):
                    torch.cat([y, torch.full_like(y, NULL)])).float().chunk(2)
     return c_skip * x + c_out * (f_u + w * (f_c - f_u))
 
-
 def edm_loss(net, y, labels, cfg):
     """lambda(sigma) (D(y + n; sigma) - y)^2 per pixel, ln sigma ~ N(P_mean, P_std^2) (Eq. 8, Table 1, EDMLoss)."""
     sigma = (torch.randn(len(y), 1, 1, 1, device=y.device) * P_STD + P_MEAN).exp()     # ln sigma ~ N(P_mean, P_std^2)
@@ -200,13 +190,11 @@ def edm_loss(net, y, labels, cfg):
     n = torch.randn_like(y) * sigma
     return loss_weight(sigma) * (denoise(net, y + n, sigma, labels) - y) ** 2          # (B, 1, 32, 32)
 
-
 def edm_sigmas(n):
     """t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N; t_N = 0 (Eq. 5)."""
     i = torch.arange(n, dtype=torch.float64)
     t = (SIGMA_MAX ** (1 / RHO) + i / max(n - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])                         # (N + 1,)
-
 
 @torch.no_grad()
 def heun(D, noise, n, s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0, bar=False):
@@ -232,7 +220,6 @@ def heun(D, noise, n, s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0, bar=F
 def ema_beta(cfg, nimg):
     """EMA decay per step from a half-life in images, at most ema_rampup x nimg early on (official)."""
     return 0.5 ** (cfg.batch_size / max(min(cfg.ema_halflife, nimg * cfg.ema_rampup), 1e-8))
-
 
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
@@ -311,7 +298,6 @@ def load_ckpt(path):
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
     return state
 
-
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
@@ -334,7 +320,6 @@ def sample(args, device, out, ckpt_path):
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
 
-
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
@@ -343,14 +328,12 @@ def make_config(args, base, fixed=True):
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
     return replace(Config(**base), **given)
 
-
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = name or next(d for d in ok if ok[d])
     if not ok.get(name.split(":")[0]):
         raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
     return torch.device(name)
-
 
 def number(kind, zero_ok):
     def parse(s):
@@ -359,7 +342,6 @@ def number(kind, zero_ok):
         return x
     parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -33,6 +33,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -62,21 +63,20 @@ class Config:
     lr: float = 2e-4             # paper: 2e-4
     ema: float = 0.999           # paper: 0.999999 for 1-RF, 0.9999 for reflow
     grad_clip: float = 1.0       # paper: 1.0
-    eps: float = 1e-3            # t ~ U(eps, 1); paper: 1e-3
-    sample_steps: int = 16       # Euler steps (NFE, twice that with guidance)
+    eps: float = 1e-3            # smallest t: t ~ U(eps, 1) (paper: 1e-3)
+    sample_steps: int = 16       # Euler steps N (NFE N; one batched call with guidance)
     num_samples: int = 100
     guidance: float = 1.5        # classifier-free guidance scale w (1 = conditional, no guidance)
-    reflow_pairs: int = 50000    # paper: 4M for CIFAR-10
-    pair_steps: int = 32         # Euler steps of the teacher per reflow pair (paper: RK45)
+    reflow_pairs: int = 50000    # (noise, sample) pairs for --reflow (paper: 4M for CIFAR-10)
+    pair_steps: int = 32         # teacher Euler steps per reflow pair (paper: RK45)
     log_every: int = 100
     ckpt_every: int = 1000
-
 
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, lr=1e-3, reflow_pairs=10000, pair_steps=8),
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10,
-                   reflow_pairs=8, pair_steps=2, log_every=1, ckpt_every=1),  # tests only
+                   reflow_pairs=8, pair_steps=2, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("dropout", "p_uncond", "guidance")  # flags that may be 0; all others must be > 0
 
@@ -88,16 +88,13 @@ def timestep_embedding(t, dim, max_period=10000):
     args = t.float()[:, None] * freqs                                     # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
-
 def norm(c):
     return nn.GroupNorm(math.gcd(8, c), c)
-
 
 def zero(module):
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb, dropout):
@@ -111,7 +108,6 @@ class ResBlock(nn.Module):
         h = self.conv1(x) + self.emb(e)[:, :, None, None]
         return self.skip(x) + self.conv2(h)                               # (B, cout, H, W)
 
-
 class Attention(nn.Module):
     def __init__(self, c, heads=4):
         super().__init__()
@@ -122,7 +118,6 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) x y -> n b h (x y) d", n=3, h=self.heads)
         h = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, HW, d)
         return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
-
 
 class UNet(nn.Module):
     """Class-conditional U-Net v(x, t, y): 32 -> 16 -> 8 with attention at 8x8; y = 10 is 'no label'."""
@@ -170,12 +165,10 @@ class UNet(nn.Module):
 # --- diffusion ---
 NULL = 10  # the 'no label' class of classifier-free guidance
 
-
 def interpolate(x0, x1, t):
     """X_t = t X1 + (1 - t) X0, the straight line from noise (t=0) to data (t=1). Eq. 1."""
     t = t.view(-1, 1, 1, 1)
     return t * x1 + (1 - t) * x0
-
 
 def rf_loss(net, x0, x1, y, cfg, distill=False):
     """E || (X1 - X0) - v(X_t, t) ||^2 with t ~ U(eps, 1) (Eq. 1); distillation (k=1) fixes t = eps."""
@@ -186,7 +179,6 @@ def rf_loss(net, x0, x1, y, cfg, distill=False):
     v = net(interpolate(x0, x1, t), t, y)
     return F.mse_loss(v.float(), x1 - x0)                                 # mean over pixels, as official
 
-
 def velocity(net, x, t, y, w):
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6 with their w + 1 as our w):
     v_uncond + w (v_cond - v_uncond); w = 1 is the plain conditional v."""
@@ -194,7 +186,6 @@ def velocity(net, x, t, y, w):
         return net(x, t, y)
     v_c, v_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).chunk(2)
     return v_u + w * (v_c - v_u)
-
 
 @torch.no_grad()
 def euler(v, z0, n, eps=1e-3, bar=False):
@@ -207,7 +198,6 @@ def euler(v, z0, n, eps=1e-3, bar=False):
         traj.append(z)
     return torch.stack(traj)
 
-
 def straightness(traj):
     """S = int_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt on an Euler trajectory (Sec. 2; 0 = straight)."""
     n = len(traj) - 1
@@ -216,10 +206,6 @@ def straightness(traj):
 
 
 # --- train ---
-def autocast(device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-
 def make_pairs(teacher, source, n, device, out):
     """Reflow data (Alg. 1): noise Z0, label y, Z1 = ODE_teacher(Z0); cached per teacher and count."""
     path, bs, key = out / "pairs.pt", 250 if device.type == "cpu" else 2000, f"{source}@{teacher['step']}:{n}"
@@ -233,7 +219,6 @@ def make_pairs(teacher, source, n, device, out):
     torch.save({"z0": z0.half(), "z1": z1.half(), "y": y, "key": key}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     return z1, y, z0
-
 
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
@@ -269,17 +254,15 @@ def train(args, device, out, ckpt_path):
         net.load_state_dict(teacher["ema"])
         ema.load_state_dict(teacher["ema"])
     fwd = torch.compile(net) if args.compile else net
-    log_path = out / "log.txt"
-    log(log_path, f"{NAME}, {title(meta)}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-                  f"{len(x1)} training {'pairs' if teacher else 'images'}, {device}, step {step}/{cfg.steps}, {cfg}")
+    log(out / "log.txt", f"{NAME}, {title(meta)}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+                         f"{len(x1)} training {'pairs' if teacher else 'images'}, {device}, step {step}/{cfg.steps}, {cfg}")
 
-    def check(done):  # a NaN/inf loss stops training before it can reach a checkpoint
+    def save(done, write=True):  # a NaN/inf loss stops training before it can reach a checkpoint
         if not torch.isfinite(running):
             raise UserError(f"loss became {running.item()} before step {done}; stopped, the last good "
                             f"checkpoint is kept at {ckpt_path} (try a lower --lr)")
-
-    def save(done):
-        check(done)
+        if not write:
+            return
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
         torch.save({"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
                     "opt": opt.state_dict(), "step": done, "rng": torch.get_rng_state(),
@@ -288,12 +271,11 @@ def train(args, device, out, ckpt_path):
 
     net.train()
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")
     try:
-        for done in bar:
+        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
             idx = torch.randint(len(x1), (cfg.batch_size,), device=device)
             z0 = x0[idx] if x0 is not None else torch.randn_like(x1[idx])  # reflow: the fixed pairs
-            with autocast(device):
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = rf_loss(fwd, z0, x1[idx], y[idx], cfg, meta["distill"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -303,18 +285,16 @@ def train(args, device, out, ckpt_path):
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
             running, seen, done = running + loss.detach(), seen + 1, done + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                check(done)
-                rate = seen * cfg.batch_size / (time.time() - clock)
-                log(log_path, f"step {done} loss {running.item() / seen:.4f} images/s {rate:.0f}")
+                save(done, write=False)
+                log(out / "log.txt", f"step {done} loss {running.item() / seen:.4f} "
+                                     f"images/s {seen * cfg.batch_size / (time.time() - clock):.0f}")
                 running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
     except KeyboardInterrupt:
-        bar.close()
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    bar.close()
 
 
 # --- sample ---
@@ -326,11 +306,9 @@ def load_ckpt(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
-    if not isinstance(state, dict) or state.get("script") != NAME:
-        who = state.get("script") if isinstance(state, dict) else None
+    if (who := state.get("script") if isinstance(state, dict) else None) != NAME:
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
     return state
-
 
 def load_ema(state, device):
     cfg = Config(**state["config"])
@@ -338,17 +316,15 @@ def load_ema(state, device):
     net.load_state_dict(state["ema"])
     return net
 
-
 def title(state):
     return f"{state['k']}-rectified flow{' (distilled)' if state['distill'] else ''}"
-
 
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg, net = make_config(args, state["config"]), load_ema(state, device)
     y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
     z0 = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    with autocast(device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         traj = euler(lambda z, t: velocity(net, z, t, y, cfg.guidance), z0, cfg.sample_steps, cfg.eps, bar=True)
     save_png(out / "samples.png", traj[-1])
     save_gif(out / "samples.gif", traj)
@@ -359,7 +335,7 @@ def sample(args, device, out, ckpt_path):
         teacher, rows = load_ckpt(state["teacher"]), []
         for st, model in ((teacher, load_ema(teacher, device)), (state, net)):
             for n in (1, 2, cfg.pair_steps):
-                with autocast(device):
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     tr = euler(lambda z, t: velocity(model, z, t, y[:20], st["config"]["guidance"]), z0[:20], n, cfg.eps)
                 rows.append(tr[-1])
             print(f"{title(st)}: straightness S = {straightness(tr):.4f} over {n} Euler steps")
@@ -369,10 +345,7 @@ def sample(args, device, out, ckpt_path):
 
 
 # --- cli ---
-HELP = dict(ch="U-Net base channels", blocks="residual blocks per resolution", p_uncond="label dropout (CFG)",
-            eps="smallest t", sample_steps="Euler steps", guidance="classifier-free guidance scale",
-            reflow_pairs="(noise, sample) pairs for --reflow", pair_steps="teacher Euler steps per pair")
-
+HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
 
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
@@ -382,14 +355,12 @@ def make_config(args, base, fixed=True):
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
     return replace(Config(**base), **given)
 
-
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = name or next(d for d in ok if ok[d])
     if not ok.get(name.split(":")[0]):
         raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
     return torch.device(name)
-
 
 def number(kind, zero_ok):
     def parse(s):
@@ -399,8 +370,7 @@ def number(kind, zero_ok):
     parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
 
-
-def parser():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda msg: sys.exit(f"error: {msg} (see --help)")          # one line, no usage dump
     p.add_argument("--train", action="store_true", help="train (then sample too with --sample)")
@@ -408,7 +378,7 @@ def parser():
     p.add_argument("--preset", choices=PRESETS, help="sizes for a GPU, a CPU or tests (default: cpu on a CPU, else gpu)")
     for f in fields(Config):
         p.add_argument(f"--{f.name.replace('_', '-')}", metavar="N", type=number(f.type, f.name in ZERO_OK),
-                       help=f"{HELP.get(f.name, '')} (gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)})")
+                       help=f"{HELP.get(f.name, '')} [gpu {getattr(PRESETS['gpu'], f.name)}, cpu {getattr(PRESETS['cpu'], f.name)}]")
     p.add_argument("--device", help="cuda, mps or cpu (default: cuda, else mps, else cpu)")
     p.add_argument("--out", help=f"output folder (default: runs/{NAME}, or runs/{NAME}_reflow with --reflow)")
     p.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: $XDIFFUSION_DATA, else ./data)")
@@ -419,11 +389,6 @@ def parser():
     p.add_argument("--reflow", metavar="CKPT", help="train the next rectified flow on (noise, sample) pairs "
                    "of this checkpoint, drawn with its guidance and --pair-steps (Alg. 1)")
     p.add_argument("--distill", action="store_true", help="with --reflow: train at t=eps only, for one step (Alg. 1)")
-    return p
-
-
-def main(argv=None):
-    p = parser()
     args = p.parse_args(argv)
     if not (args.train or args.sample):
         return p.print_help()

@@ -75,7 +75,6 @@ class Config:
     log_every: int = 100
     ckpt_every: int = 1000
 
-
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, warmup=100, sampler="ode", ode_tol=1e-3),
@@ -95,16 +94,13 @@ def timestep_embedding(t, dim, max_period=10000):
     args = t.float()[:, None] * freqs                                     # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
-
 def norm(c):
     return nn.GroupNorm(math.gcd(8, c), c)
-
 
 def zero(module):
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
     return module
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb, dropout):
@@ -117,7 +113,6 @@ class ResBlock(nn.Module):
     def forward(self, x, e):                                              # x (B, cin, H, W), e (B, emb)
         return self.skip(x) + self.conv2(self.conv1(x) + self.emb(e)[:, :, None, None])   # (B, cout, H, W)
 
-
 class Attention(nn.Module):
     def __init__(self, c, heads=4):
         super().__init__()
@@ -128,7 +123,6 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) x y -> n b h (x y) d", n=3, h=self.heads)
         h = nn.functional.scaled_dot_product_attention(q, k, v)                 # (B, heads, HW, d)
         return x + self.out(rearrange(h, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
-
 
 class UNet(nn.Module):
     """Unconditional U-Net F(x, c_noise): 32 -> 16 -> 8 with attention at 8x8 (image/edm.py's, without labels)."""
@@ -175,7 +169,6 @@ BETA_MIN, BETA_MAX = 0.1, 20.0     # vp and subvp (App. C); kept
 SIGMA_MIN, SIGMA_MAX = 0.01, 50.0  # ve, CIFAR-10's; MNIST's largest pairwise distance is 33 (Song & Ermon 2020)
 SAMPLE_EPS, EPS = {"vp": 1e-3, "subvp": 1e-3, "ve": 1e-5}, 1e-5   # samplers stop at SAMPLE_EPS; loss, likelihood: EPS
 PAPER_PC = {"vp": ("euler_maruyama", "none"), "subvp": ("euler_maruyama", "none"), "ve": ("reverse_diffusion", "langevin")}
-
 
 class SDE:
     """dx = f(x, t) dt + g(t) dw, t in [0, 1] (Eq. 5): ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12), N steps when
@@ -233,7 +226,6 @@ class SDE:
             return drift_diffusion
         return SimpleNamespace(N=self.N, sde=rev(self.sde), discretize=rev(self.discretize))
 
-
 def score_fn(net, sde):
     """s_theta(x, t): -F(x, 999 t) / std(t) for vp and subvp; F(x, ln sigma(t)) / sigma(t) for ve (scale_by_sigma)."""
     def score(x, t):
@@ -241,7 +233,6 @@ def score_fn(net, sde):
         out = net(x.float(), (std.log().flatten() if sde.kind == "ve" else 999 * t).float()).to(x.dtype)
         return (out if sde.kind == "ve" else -out) / std
     return score
-
 
 def sde_loss(score, sde, x, weighting="sigma2"):
     """Eq. 7 with the Gaussian kernel, t ~ U(eps, 1), x_t = mean_t + std_t z: lambda(t) ||s(x_t, t) + z / std_t||^2,
@@ -254,7 +245,6 @@ def sde_loss(score, sde, x, weighting="sigma2"):
     else:                                                                 # lambda = std^2
         loss = (std * s + z) ** 2
     return loss.flatten(1).mean(1) if sde.kind != "ve" else 0.5 * loss.flatten(1).sum(1)   # (B,)
-
 
 def predict(name, sde, score, x, t):
     """One predictor step down from t; returns x and x_mean (x without the new noise)."""
@@ -272,7 +262,6 @@ def predict(name, sde, score, x, t):
         std = beta.sqrt() if sde.kind == "vp" else (prev ** 2 * (sigma ** 2 - prev ** 2) / sigma ** 2).sqrt()
     return x_mean + std * torch.randn_like(x), x_mean
 
-
 def langevin(sde, score, x, t, snr):
     """Corrector (Alg. 4 for ve, 5 for vp): eps = 2 alpha_i (r ||z|| / ||s||)^2, norms averaged over the batch
     (official); alpha_i = 1 - beta_i for vp and subvp, 1 for ve. Returns x and x_mean."""
@@ -280,7 +269,6 @@ def langevin(sde, score, x, t, snr):
     s, z = score(x, t), torch.randn_like(x)
     eps = 2 * alpha * (snr * z.flatten(1).norm(dim=1).mean() / s.flatten(1).norm(dim=1).mean()) ** 2
     return x + eps * s + (2 * eps).sqrt() * z, x + eps * s
-
 
 @torch.no_grad()
 def pc_sampler(sde, score, x, eps, predictor="euler_maruyama", corrector="none", snr=0.16, bar=False):
@@ -296,13 +284,11 @@ def pc_sampler(sde, score, x, eps, predictor="euler_maruyama", corrector="none",
             frames.append(x_mean)
     return torch.stack(frames), sde.N * (1 + (corrector == "langevin"))
 
-
 DOPRI = [(1 / 5, [1 / 5]), (3 / 10, [3 / 40, 9 / 40]), (4 / 5, [44 / 45, -56 / 15, 32 / 9]),
          (8 / 9, [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]),
          (1, [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]),
          (1, [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84])]    # Dormand-Prince 5(4): c_i, a_ij; b last
 DOPRI_ERR = [71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]   # b - b*: 5th - 4th order
-
 
 def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5):
     """dy/dt = f(t, y(t) (B, ...)) from t0 to t1, adaptive Dormand-Prince as scipy's RK45 in the official code: RMS
@@ -319,7 +305,6 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5):
         h, nfe = h * (min(10.0, max(0.2, 0.9 * norm ** -0.2)) if norm > 0 else 10.0), nfe + 6
     return ys, nfe
 
-
 @torch.no_grad()
 def ode_sampler(sde, score, x, eps, tol=1e-5):
     """The probability flow ODE (Eq. 13) from t=1 to eps by RK45, then one reverse-diffusion step without noise
@@ -328,7 +313,6 @@ def ode_sampler(sde, score, x, eps, tol=1e-5):
     ys, nfe = rk45(lambda t, y: flow(y, y.new_full((len(y),), t))[0], x, sde.T, eps, tol, tol)
     x_mean = predict("reverse_diffusion", sde, score, ys[-1], x.new_full((len(x),), eps))[1]
     return torch.stack(ys[::-(-len(ys) // 30)] + [x_mean]), nfe + 1
-
 
 def likelihood(sde, score, x, tol=1e-5):
     """log p_0(x) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt along the probability flow (App. D.2); div f~ by
@@ -343,7 +327,6 @@ def likelihood(sde, score, x, tol=1e-5):
         return torch.cat([drift.detach().flatten(1), (jn * n).flatten(1).sum(1, keepdim=True)], 1)
     ys, nfe = rk45(f, torch.cat([x.flatten(1), x.new_zeros(len(x), 1)], 1), EPS, sde.T, tol, tol)
     return sde.prior_logp(ys[-1][:, :-1].reshape(x.shape)) + ys[-1][:, -1], nfe
-
 
 def bits_per_dim(sde, score, x, tol=1e-5):
     """Digits x in [-1, 1], dequantized as official: (k + u) / 256 in [0, 1], scaled to [-1, 1]. A pixel's bin is
@@ -430,7 +413,6 @@ def load_ckpt(path):
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
     return state
 
-
 def sample(args, device, out, ckpt_path):
     """--sample: samples.png, .gif, .npz; --bpd: bits/dim of test digits, both with the EMA weights."""
     state = load_ckpt(ckpt_path)
@@ -468,7 +450,6 @@ def sample(args, device, out, ckpt_path):
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
 
-
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
@@ -477,14 +458,12 @@ def make_config(args, base, fixed=True):
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
     return replace(Config(**base), **given)
 
-
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = name or next(d for d in ok if ok[d])
     if not ok.get(name.split(":")[0]):
         raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
     return torch.device(name)
-
 
 def number(kind, zero_ok):
     def parse(s):
@@ -493,7 +472,6 @@ def number(kind, zero_ok):
         return x
     parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
