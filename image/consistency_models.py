@@ -48,7 +48,6 @@ from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: 
 
 NAME = "consistency_models"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -72,11 +71,10 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, batch_size=64, steps=1500, lr=1e-3, ema_decay=0.995, s1=60),
+    "cpu": Config(ch=16, blocks=1, batch_size=64, steps=1500, lr=1e-3, ema_decay=0.995, s1=60, ict=1),  # iCT: see README
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("dropout", "ict", "teacher_guidance")  # others must be > 0
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -155,7 +153,6 @@ class UNet(nn.Module):  # same as image/edm.py: the CD teacher loads into it
             h = layer(torch.cat([h, hs.pop()], 1), e) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)                                                # (B, 1, 32, 32) F, zero at init
 
-
 # --- diffusion ---
 NULL, SIGMA_DATA, EPS, T, RHO = 10, 0.5, 0.002, 80.0, 7.0   # 'no label' class (CFG); App. C (EDM's values)
 CD_N, CD_MU = 18, 0.0                              # CD: N and mu (App. C, CIFAR-10: mu = 0, theta^- = theta)
@@ -205,9 +202,9 @@ def heun_step(D, x, t, t_next):
 
 def cm_loss(net, target, x, labels, n, cfg, teacher=None):
     """lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x_hat_{t_n}, t_n)) per image, N steps (Alg. 2, 3)."""
-    t = karras(n).to(x.device, x.dtype)                                  # (N,) t_1 = eps ... t_N = T
+    t, ict = karras(n).to(x.device, x.dtype), cfg.ict and teacher is None   # (N,) t_1 = eps ... t_N = T; iCT: CT only
     cdf = torch.erf((t.log() - ICT_P_MEAN) / (math.sqrt(2) * ICT_P_STD))   # iCT Sec. 3.5: p(i) ~ cdf_{i+1} - cdf_i
-    p = cdf[1:] - cdf[:-1] if cfg.ict and teacher is None else torch.ones_like(t[1:])   # CT, CD: n ~ U{1..N-1}
+    p = cdf[1:] - cdf[:-1] if ict else torch.ones_like(t[1:])   # CT, CD: n ~ U{1..N-1}
     idx = torch.multinomial(p, len(x), replacement=True)                 # (B,) pairs (t_n, t_{n+1})
     t_n, t_n1 = t[idx].view(-1, 1, 1, 1), t[idx + 1].view(-1, 1, 1, 1)
     z = torch.randn_like(x)
@@ -219,8 +216,8 @@ def cm_loss(net, target, x, labels, n, cfg, teacher=None):
             x_n = heun_step(lambda v, s: denoise(teacher, v, s, labels, cfg.teacher_guidance, 0), x_n1, t_n1, t_n)
         with torch.random.fork_rng([] if x.is_cpu else None, device_type=x.device.type):  # the same dropout
             f_target = denoise(target, x_n, t_n, labels)
-    d = distance((denoise(net, x_n1, t_n1, labels) - f_target).flatten(1), cfg.ict)   # (B,)
-    return d / (t_n1 - t_n).flatten() if cfg.ict else d                  # lambda = 1/(t_{n+1} - t_n) (iCT), or 1
+    d = distance((denoise(net, x_n1, t_n1, labels) - f_target).flatten(1), ict)   # (B,)
+    return d / (t_n1 - t_n).flatten() if ict else d                  # lambda = 1/(t_{n+1} - t_n) (iCT), or 1
 
 @torch.no_grad()
 def multistep(f, z, taus):
@@ -229,7 +226,6 @@ def multistep(f, z, taus):
     for tau in taus[1:]:
         xs.append(f(xs[-1] + (tau ** 2 - EPS ** 2).sqrt() * torch.randn_like(z), tau))
     return torch.stack(xs)
-
 
 # --- train ---
 def train(args, device, out, ckpt_path):
@@ -302,7 +298,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path, script=NAME):
     path = Path(path)
@@ -333,7 +328,6 @@ def sample(args, device, out, ckpt_path):
     save_npz(out / "samples.npz", images=xs[-1], labels=y)
     print(f"wrote {out}/samples.png, samples.gif, samples.npz: {len(y)} samples (step {state['step']}, "
           f"{'CD' if state.get('teacher') else 'CT'}), network calls at t = {[round(t, 3) for t in taus.tolist()]}")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -393,7 +387,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,6 @@ from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: 
 
 NAME = "dit"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -70,7 +69,6 @@ PRESETS = {
                    log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("p_uncond", "guidance", "ema")  # others must be > 0
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -145,7 +143,6 @@ class DiT(nn.Module):  # class-conditional DiT (Fig. 3): (B, C, 32, 32) -> eps a
             h = block(h, c)                                               # (B, N, D)
         return unpatchify(self.final(h, c), self.patch, self.grid)       # (B, 2C, 32, 32), zero at init
 
-
 # --- diffusion ---
 NULL, T, LAMBDA = 10, 1000, 1e-3   # the 'no label' class; diffusion steps; weight of L_vlb (IDDPM Eq. 16)
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)             # DDPM's linear schedule (paper)
@@ -218,7 +215,6 @@ def ddpm_sample(model, noise, n, frames=20, bar=False):
             traj.append(x0)
     return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 32, 32)
 
-
 # --- train ---
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
@@ -280,7 +276,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path):
     path = Path(path)
@@ -309,7 +304,6 @@ def sample(args, device, out, ckpt_path):
     save_npz(out / "samples.npz", images=traj[-1], labels=y)
     print(f"wrote {out}/samples.png, samples.gif, samples.npz: {len(y)} samples (step {state['step']}), "
           f"{cfg.sample_steps} respaced steps ({cfg.sample_steps * (1 + (cfg.guidance != 1))} NFE), guidance {cfg.guidance}")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -371,7 +365,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

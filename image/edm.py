@@ -46,7 +46,6 @@ from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: 
 
 NAME = "edm"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -76,7 +75,6 @@ PRESETS = {
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("dropout", "p_uncond", "guidance", "lr_rampup", "s_churn", "s_min")  # others must be > 0
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -155,7 +153,6 @@ class UNet(nn.Module):
             h = layer(torch.cat([h, hs.pop()], 1), e) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)                                                # (B, 1, 32, 32) F, zero at init
 
-
 # --- diffusion ---
 NULL = 10  # the 'no label' class of classifier-free guidance
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2    # Table 1; kept for MNIST (its std is 0.57 in [-1, 1])
@@ -214,7 +211,6 @@ def heun(D, noise, n, s_churn=0.0, s_min=0.0, s_max=math.inf, s_noise=1.0, bar=F
             d_prime = (x - D(x, t[i + 1]).to(x.dtype)) / t[i + 1]
             x = x_hat + (t[i + 1] - t_hat) * (d + d_prime) / 2            # Heun: the trapezoidal rule
     return torch.stack(frames + [x])
-
 
 # --- train ---
 def ema_beta(cfg, nimg):
@@ -284,7 +280,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path):
     path = Path(path)
@@ -315,7 +310,6 @@ def sample(args, device, out, ckpt_path):
     save_npz(out / "samples.npz", images=traj[-1], labels=y)
     print(f"wrote {out}/samples.png, samples.gif, samples.npz: {len(y)} samples (step {state['step']}), "
           f"{cfg.sample_steps} Heun steps ({2 * cfg.sample_steps - 1} NFE), guidance {cfg.guidance}, S_churn {cfg.s_churn}")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -374,7 +368,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

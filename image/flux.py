@@ -50,7 +50,6 @@ from shared import UserError, log, mnist, prompts, save_gif, save_npz, save_png 
 
 NAME = "flux"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -78,7 +77,6 @@ PRESETS = {
 }
 ZERO_OK = ("p_uncond", "guidance", "ema")  # others must be > 0
 ARCH = ("hidden", "depth", "depth_single", "heads", "patch")  # fixed by a checkpoint
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -212,7 +210,6 @@ class Flux(nn.Module):  # model.Flux on pixels: x (B, C, 32, 32), t (B,) in [0, 
             h = block(h, vec, self.pe, keep)
         return unpatchify(self.final(h[:, txt.shape[1]:], vec), self.patch, self.grid)   # drop txt; 0 at init
 
-
 # --- diffusion ---
 def time_shift(mu, sigma, t):  # sampling.time_shift; sigma = 1: SD3's alpha t / (1 + (alpha - 1) t) at alpha = e^mu
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
@@ -249,7 +246,6 @@ def denoise(v, noise, timesteps, bar=False):
         x = x + (t_prev - t_cur) * v(x, torch.full((len(x),), t_cur, device=x.device)).to(x.dtype)
         traj.append(x)
     return torch.stack(traj)
-
 
 # --- train ---
 def train(args, device, out, ckpt_path):
@@ -310,7 +306,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path):
     if not (path := Path(path)).is_file():
@@ -338,7 +333,6 @@ def sample(args, device, out, ckpt_path):
     save_npz(out / "samples.npz", images=traj[-1], prompts=texts, labels=None if args.prompt is not None else y)
     print(f"wrote {out}/samples.png, .gif, .npz: {len(y)} samples (step {state['step']}) of prompts like {texts[-1]!r}, "
           f"guidance {cfg.guidance}{' (distilled)' * distilled}, {(2 - (distilled or cfg.guidance == 1)) * cfg.sample_steps} NFE")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -400,7 +394,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

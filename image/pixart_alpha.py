@@ -46,7 +46,6 @@ from shared import UserError, log, mnist, prompts, save_gif, save_npz, save_png 
 
 NAME = "pixart_alpha"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -72,7 +71,6 @@ PRESETS = {
     "tiny": Config(hidden=16, depth=1, patch=4, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
 ZERO_OK, ARCH = ("p_uncond", "guidance", "ema"), ("hidden", "depth", "heads", "patch")  # others > 0; fixed by a checkpoint
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -175,7 +173,6 @@ def from_dit(net, dit, t=500):
         block.scale_shift_table.copy_(ada(f"blocks.{i}", 6) - t0)         # S(i) = t0 + E(i) = DiT block i's (6, D)
     net.final_table.copy_(ada("final", 2) - t_emb)                        # the final layer adds t_emb itself, not t0
 
-
 # --- diffusion ---
 NULL, T, LAMBDA = tokenize([""]), 1000, 1e-3   # the empty prompt (BOS only); diffusion steps; weight of L_vlb (IDDPM Eq. 16)
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)             # DDPM's linear schedule (paper)
@@ -245,7 +242,6 @@ def ddpm_sample(model, noise, n, frames=20, bar=False):
             traj.append(x0)
     return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 32, 32)
 
-
 # --- train ---
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
@@ -310,7 +306,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path, scripts=(NAME,)):
     if not (path := Path(path)).is_file():
@@ -339,7 +334,6 @@ def sample(args, device, out, ckpt_path):
     save_npz(out / "samples.npz", images=traj[-1], prompts=texts, labels=None if args.prompt is not None else y)
     print(f"wrote {out}/samples.png, .gif, .npz: {len(y)} samples (step {state['step']}) of prompts like {texts[-1]!r}, "
           f"{cfg.sample_steps} respaced steps ({cfg.sample_steps * (1 + (cfg.guidance != 1))} NFE), guidance {cfg.guidance}")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -400,7 +394,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

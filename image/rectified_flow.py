@@ -50,7 +50,6 @@ from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: 
 
 NAME = "rectified_flow"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -79,7 +78,6 @@ PRESETS = {
                    reflow_pairs=8, pair_steps=2, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("dropout", "p_uncond", "guidance")  # flags that may be 0; all others must be > 0
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -161,7 +159,6 @@ class UNet(nn.Module):
             h = layer(torch.cat([h, hs.pop()], 1), e) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)                                                # (B, 1, 32, 32) velocity
 
-
 # --- diffusion ---
 NULL = 10  # the 'no label' class of classifier-free guidance
 
@@ -203,7 +200,6 @@ def straightness(traj):
     n = len(traj) - 1
     v = (traj[1:] - traj[:-1]) * n
     return ((traj[-1] - traj[0]) - v).pow(2).flatten(2).mean(2).mean().item()
-
 
 # --- train ---
 def make_pairs(teacher, source, n, device, out):
@@ -296,7 +292,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path):
     path = Path(path)
@@ -342,7 +337,6 @@ def sample(args, device, out, ckpt_path):
         save_png(out / "reflow.png", torch.cat(rows))
         print(f"wrote {out}/reflow.png: pairs of rows = the {title(teacher)} at 1, 2, {n} Euler steps, "
               f"then the {title(state)} at 1, 2, {n}, from the same noise")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -408,7 +402,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

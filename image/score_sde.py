@@ -16,7 +16,7 @@ Deviations from the paper:
   is 999 t for vp and subvp (official) and ln sigma for ve, through the same sinusoidal embedding (NCSN++: random
   Fourier features of ln sigma, scale 16).
 - Data in [-1, 1] for every SDE (official ve: [0, 1]). Short runs: 10k steps (paper: 1.3M), lr 1e-3, warm-up 500,
-  EMA 0.999 (paper: 2e-4, 5000, 0.9999 for vp and subvp). The cpu preset samples by the ODE at tol 1e-3.
+  EMA 0.999 (paper: 2e-4, 5000, 0.9999 for vp and subvp).
 - RK45 is our own Dormand-Prince in torch (no scipy), one step size for the whole batch as official; the first step
   is 1% of the interval (scipy estimates one) and a step after a rejection may grow (scipy: not).
 - Langevin on sub-VP uses VP's alpha_i (the official code has none for sub-VP and fails).
@@ -49,7 +49,6 @@ from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: 
 
 NAME = "score_sde"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -77,7 +76,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, warmup=100, sampler="ode", ode_tol=1e-3),
+    "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, warmup=100),
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, bpd_digits=2,
                    log_every=1, ckpt_every=1),
 }
@@ -85,7 +84,6 @@ ZERO_OK = ("dropout", "warmup")  # others must be > 0
 CHOICES = {"sde": ("vp", "subvp", "ve"), "weighting": ("sigma2", "likelihood"), "sampler": ("pc", "ode"),
            "predictor": ("auto", "euler_maruyama", "reverse_diffusion", "ancestral"),
            "corrector": ("auto", "langevin", "none")}  # flags with a choice instead of a number
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -162,7 +160,6 @@ class UNet(nn.Module):
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], 1), e) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)                                                # (B, 1, 32, 32) F, zero at init
-
 
 # --- diffusion ---
 BETA_MIN, BETA_MAX = 0.1, 20.0     # vp and subvp (App. C); kept
@@ -335,7 +332,6 @@ def bits_per_dim(sde, score, x, tol=1e-5):
     logp, nfe = likelihood(sde, score, y, tol)
     return -logp / (x[0].numel() * math.log(2)) + 7, nfe
 
-
 # --- train ---
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
@@ -399,7 +395,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path):
     path = Path(path)
@@ -445,7 +440,6 @@ def sample(args, device, out, ckpt_path):
         sem = bpd.std() / len(bpd) ** 0.5 if len(bpd) > 1 else 0          # standard error of the mean
         log(out / "log.txt", f"bits/dim {bpd.mean():.4f} +- {sem:.4f} on {len(bpd)} test digits"
                              f" (step {state['step']}, {cfg.sde} SDE, RK45 tol {cfg.ode_tol}, {sum(nfe)} NFE)")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -507,7 +501,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,6 @@ from shared import UserError, log, mnist, prompts, save_gif, save_npz, save_png 
 
 NAME = "sd3"
 
-
 # --- config ---
 @dataclass
 class Config:
@@ -70,7 +69,6 @@ PRESETS = {
                    log_every=1, ckpt_every=1),  # lr: 2 steps move v off its zero init, so the GIF frames differ
 }
 ZERO_OK = ("p_uncond", "guidance", "ema")  # others must be > 0
-
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -184,7 +182,6 @@ class MMDiT(nn.Module):  # text-conditional MMDiT (Fig. 2a): (B, C, 32, 32), t i
             ctx, h = block(ctx, h, c, mask)                               # the last block returns ctx = None
         return unpatchify(self.final(h, c), self.patch, self.grid)       # (B, C, 32, 32), zero at init
 
-
 # --- diffusion ---
 def time_shift(t, alpha):
     """t_m = alpha t_n / (1 + (alpha - 1) t_n), alpha = sqrt(m / n) (Sec. 5.3.2): at m pixels, a time with the
@@ -217,7 +214,6 @@ def euler(v, noise, n, alpha, frames=20, bar=False):
             traj.append(x - sig[i].item() * vi)                           # x0_hat = z - sigma v
         x = x + (sig[i + 1] - sig[i]).item() * vi
     return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 32, 32)
-
 
 # --- train ---
 def train(args, device, out, ckpt_path):
@@ -281,7 +277,6 @@ def train(args, device, out, ckpt_path):
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
-
 # --- sample ---
 def load_ckpt(path):
     path = Path(path)
@@ -311,7 +306,6 @@ def sample(args, device, out, ckpt_path):
     save_npz(out / "samples.npz", images=traj[-1], labels=None if args.prompt is not None else y, prompts=texts)
     print(f"wrote {out}/samples.png, samples.gif, samples.npz: {len(y)} samples (step {state['step']}), "
           f"{cfg.sample_steps} Euler steps ({cfg.sample_steps * (1 + (cfg.guidance != 1))} NFE), guidance {cfg.guidance}")
-
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -374,7 +368,6 @@ def main(argv=None):
             sample(args, device, out, ckpt_path)
     except UserError as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()
