@@ -64,7 +64,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(depth=4, head_dim=24, patch=4, batch_size=64, steps=900, lr=1e-3, ema=0.999, sample_steps=28),
+    "cpu": Config(depth=4, head_dim=24, patch=4, batch_size=64, steps=3000, lr=1e-3, ema=0.999, sample_steps=28),
     "tiny": Config(depth=1, head_dim=16, patch=4, batch_size=4, steps=2, sample_steps=2, num_samples=10, lr=1e-2,
                    log_every=1, ckpt_every=1),  # lr: 2 steps move v off its zero init, so the GIF frames differ
 }
