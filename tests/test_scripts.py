@@ -46,11 +46,11 @@ def test_train_sample_outputs(script, fake_data, tmp_path):
 def test_resume_and_no_overwrite(script, fake_data, tmp_path):
     assert run(script, "--train", *tiny(fake_data, tmp_path)).returncode == 0
     first = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    module = load_script(script)                                  # in-process from here: no start-up cost
     with pytest.raises(SystemExit) as e:                          # a plain --train would lose the checkpoint
-        module.main(["--train", *map(str, tiny(fake_data, tmp_path))])
+        load_script(script).main(["--train", *map(str, tiny(fake_data, tmp_path))])   # in-process: no start-up
     assert "--resume" in str(e.value.code) and "\n" not in str(e.value.code)
-    module.main(["--train", "--resume", *map(str, tiny(fake_data, tmp_path, "--steps", "4"))])
+    r = run(script, "--train", "--resume", *tiny(fake_data, tmp_path, "--steps", "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
     second = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert second["step"] == 4 and second["config"] == {**first["config"], "steps": 4}
     assert "step 3" in (tmp_path / "log.txt").read_text()
