@@ -56,9 +56,17 @@ def test_resume_and_no_overwrite(script, fake_data, tmp_path):
     assert "step 3" in (tmp_path / "log.txt").read_text()
 
 
+# Children inherit an ignored or blocked SIGINT from the test process (as after some in-process runs in a long
+# session): restore Python's own handler first, as a terminal would deliver Ctrl-C to a fresh `python script.py`.
+AS_FROM_A_SHELL = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                   "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def test_ctrl_c_saves_checkpoint(script, fake_data, tmp_path):
-    p = subprocess.Popen([sys.executable, str(script), "--train", *tiny(fake_data, tmp_path, "--steps", "100000")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, str(script), "--train",
+                          *map(str, tiny(fake_data, tmp_path, "--steps", "100000"))],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
