@@ -89,13 +89,9 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
 def tokenize(texts, length=48):
-    """A byte-level tokenizer: BOS (1), then each UTF-8 byte + 2, padded with 0 or cut to `length`. No vocabulary
-    to learn, so any phrasing encodes; the empty prompt "" is just BOS (the unconditional prompt for guidance)."""
-    ids = torch.zeros(len(texts), length, dtype=torch.long)
-    for i, text in enumerate(texts):
-        b = [1] + [c + 2 for c in text.lower().encode()][: length - 1]
-        ids[i, : len(b)] = torch.tensor(b)
-    return ids                                                            # (B, L)
+    """Byte-level: BOS (1), each UTF-8 byte + 2, 0-padded to `length`. Any phrasing encodes; "" is BOS only."""
+    ids = [torch.tensor([1] + [c + 2 for c in text.lower().encode()][: length - 1]) for text in texts]
+    return torch.stack([nn.functional.pad(b, (0, length - len(b))) for b in ids])   # (B, L)
 
 class TextEncoder(nn.Module):  # same in image/pixart_alpha.py, sd3.py, flux.py: a small stand-in for T5 / CLIP
     def __init__(self, dim, depth=2, heads=4, length=48):
@@ -103,12 +99,10 @@ class TextEncoder(nn.Module):  # same in image/pixart_alpha.py, sd3.py, flux.py:
         self.tok, self.pos = nn.Embedding(258, dim), nn.Parameter(torch.randn(length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, "gelu", batch_first=True, norm_first=True)
         self.layers, self.norm = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False), nn.LayerNorm(dim)
-
     def forward(self, ids):                                               # ids (B, L) from tokenize
         mask = ids > 0                                                    # (B, L) True on real tokens
         h = self.norm(self.layers(self.tok(ids) + self.pos, src_key_padding_mask=~mask))   # (B, L, dim)
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, dim) mean over real tokens
-        return h, mask, pooled
+        return h, mask, (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)   # pooled: mean over real tokens
 
 def norm(c):  # norm, zero, ResBlock, Attention: same as image/edm.py
     return nn.GroupNorm(math.gcd(8, c), c)
@@ -260,8 +254,7 @@ def ancestral(eps_fn, noise, n, kind="dynamic", p=0.995, frames=20, bar=False):
 def encode(encoder, texts, device):  # the frozen encoder's tokens and mask (Sec. 2.1): no gradient reaches it
     return encoder(tokenize(texts).to(device))[:2]
 
-def fit_text(encoder, steps, device):
-    """A stand-in for T5 pretraining: name the digit of a prompt ("7", "seven", ...) by a linear probe on the pooled text."""
+def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digit
     probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)
     opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # not --lr: fixed, no diffusion
     for _ in range(steps):

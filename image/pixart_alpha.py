@@ -1,24 +1,21 @@
 """PixArt-α: "Fast Training of Diffusion Transformer for Photorealistic Text-to-Image Synthesis"
-Junsong Chen, Jincheng Yu, Chongjian Ge, et al., 2023. https://arxiv.org/abs/2310.00426v3
-Official code: github.com/PixArt-alpha/PixArt-alpha (diffusion/model/nets/{PixArt.py, PixArt_blocks.py}).
+Junsong Chen et al., 2023. https://arxiv.org/abs/2310.00426v3. Code: github.com/PixArt-alpha/PixArt-alpha (PixArt.py)
 
 The idea: cheap text-to-image training. Decompose it (Sec. 2.2): pixels first (class-conditional), then text-image
-alignment, then aesthetics. Adapt DiT to text (Sec. 2.3): each block gets a cross-attention to the text tokens between
-self-attention and MLP (no norm, no gate, zero-initialised output); adaLN-single replaces the per-block adaLN MLPs: one
-MLP gives t0 = t_block(t_emb), block i adds its table E(i) (6 x D), the final layer its (2 x D) table to t_emb itself.
-Re-parameterisation: E(i) such that S(i) = t0 + E(i) at t = 500 equals DiT block i's adaLN output for the null class,
-so a class-conditional DiT (stage 1: an image/dit.py checkpoint, --init-from) starts the text model. --stage 2 trains on
-prompts of random style ("7", "seven", "a handwritten seven"); --stage 1 is class-conditional pretraining without a
-DiT: prompts "7" only, a class token through the same network (so stage 2 can --init-from it).
+alignment, then aesthetics. Adapt DiT to text (Sec. 2.3): a cross-attention to the text tokens in every block, and
+adaLN-single: one MLP gives t0 = t_block(t_emb) for all blocks, block i adds its table E(i). Re-parameterisation: E(i)
+such that S(i) = t0 + E(i) at t = 500 equals DiT block i's adaLN output for the null class, so a class-conditional
+DiT (stage 1: an image/dit.py checkpoint, --init-from) starts the text model. --stage 2 trains on prompts of random
+style ("7", "seven", "a handwritten seven"); --stage 1, without a DiT, on prompts "7" only.
 Time convention (DDPM, official): discrete t = 0..999, t = 0 is one small step from the data, t = 999 nearly noise.
 
 Deviations from the paper:
-- Text: a byte-level encoder of width D, trained jointly from scratch (paper: frozen T5-XXL, 120 x 4096). Null caption:
-  "" (official: a fixed random buffer y_embedding, as T5 is frozen); our encoder learns its "" as the null embedding.
-- No stage 3 (high resolution, aesthetics; lewei_scale): MNIST has one size and no aesthetic subset. Pixel space, no VAE,
-  so the sampler clips x0_hat to [-1, 1]. Diffusion copied from image/dit.py: guidance on eps only (official: [:3]).
-- Sizes: gpu 256 x 8 blocks, p=2; cpu 96 x 4, p=4 (paper: 1152 x 28, p=2). Far fewer steps, higher lr (paper: 2e-5),
-  no lr warm-up (paper: 1000 steps), no grad clipping (paper: 0.01-1), EMA warm-up, bf16 on CUDA (paper: fp16).
+- Text: a byte-level encoder (paper: T5-XXL), fitted first by a linear probe naming the prompt's digit (as imagen.py),
+  then frozen as T5 is; null caption "" (official: a buffer). y_proj Xavier-initialised (official: std 0.02, with which
+  a jointly trained encoder had taught the cross-attention no prompt after 2000 CPU steps: eps("zero") ~ eps("seven")).
+- No stage 3 (high resolution, aesthetics): MNIST has one size. Pixel space, no VAE: x0_hat clipped to [-1, 1]. Guidance
+  on eps only (official: [:3]). gpu 256 x 8 blocks, p=2; cpu 96 x 4, p=4 (paper: 1152 x 28, p=2). Fewer steps, higher
+  lr (paper: 2e-5), no lr warm-up, no grad clipping (paper: 0.01-1), EMA warm-up, bf16 on CUDA (paper: fp16).
 
 Usage:
   python image/pixart_alpha.py --train --sample --init-from runs/dit/ckpt.pt --data-dir ../shared/data   # from DiT
@@ -53,6 +50,7 @@ class Config:
     depth: int = 8               # PixArt blocks (paper: 28)
     heads: int = 4               # attention heads (paper: 16)
     patch: int = 2               # patch size p: (32/p)^2 tokens (paper: 2)
+    text_steps: int = 1000       # fit of the text encoder before it is frozen (stand-in for T5 pretraining)
     p_uncond: float = 0.1        # caption dropout to "", for classifier-free guidance (paper: 0.1, to y_embedding)
     stage: int = 2               # 1: class prompts "7"; 2: text-image alignment, prompts of random style (paper: 3 stages)
     steps: int = 30000           # training steps (official 256 px config: 200 epochs)
@@ -67,8 +65,9 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=96, depth=4, heads=4, patch=4, batch_size=64, steps=1200, lr=1e-3, ema=0.999, sample_steps=100),
-    "tiny": Config(hidden=16, depth=1, patch=4, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
+    "cpu": Config(hidden=96, depth=4, patch=4, text_steps=300, batch_size=64, steps=1200, lr=1e-3, ema=0.999, sample_steps=100),
+    "tiny": Config(hidden=16, depth=1, patch=4, text_steps=2, batch_size=4, steps=2, sample_steps=2, num_samples=10,
+                   log_every=1, ckpt_every=1),
 }
 ZERO_OK, ARCH = ("p_uncond", "guidance", "ema"), ("hidden", "depth", "heads", "patch")  # others > 0; fixed by a checkpoint
 
@@ -80,13 +79,9 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([args.cos(), args.sin()], -1)                        # (B, dim)
 
 def tokenize(texts, length=48):
-    """A byte-level tokenizer: BOS (1), then each UTF-8 byte + 2, padded with 0 or cut to `length`. No vocabulary
-    to learn, so any phrasing encodes; the empty prompt "" is just BOS (the unconditional prompt for guidance)."""
-    ids = torch.zeros(len(texts), length, dtype=torch.long)
-    for i, text in enumerate(texts):
-        b = [1] + [c + 2 for c in text.lower().encode()][: length - 1]
-        ids[i, : len(b)] = torch.tensor(b)
-    return ids                                                            # (B, L)
+    """Byte-level: BOS (1), each UTF-8 byte + 2, 0-padded to `length`. Any phrasing encodes; "" is BOS only."""
+    ids = [torch.tensor([1] + [c + 2 for c in text.lower().encode()][: length - 1]) for text in texts]
+    return torch.stack([nn.functional.pad(b, (0, length - len(b))) for b in ids])   # (B, L)
 
 class TextEncoder(nn.Module):  # same in image/pixart_alpha.py, sd3.py, flux.py: a small stand-in for T5 / CLIP
     def __init__(self, dim, depth=2, heads=4, length=48):
@@ -94,12 +89,10 @@ class TextEncoder(nn.Module):  # same in image/pixart_alpha.py, sd3.py, flux.py:
         self.tok, self.pos = nn.Embedding(258, dim), nn.Parameter(torch.randn(length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, "gelu", batch_first=True, norm_first=True)
         self.layers, self.norm = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False), nn.LayerNorm(dim)
-
     def forward(self, ids):                                               # ids (B, L) from tokenize
         mask = ids > 0                                                    # (B, L) True on real tokens
         h = self.norm(self.layers(self.tok(ids) + self.pos, src_key_padding_mask=~mask))   # (B, L, dim)
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, dim) mean over real tokens
-        return h, mask, pooled
+        return h, mask, (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)   # pooled: mean over real tokens
 
 def sincos_2d(dim, n):
     """Fixed 2-D sin-cos positions of an n x n grid, (n*n, dim): sin, cos of the column, then of the row (MAE)."""
@@ -109,10 +102,8 @@ def sincos_2d(dim, n):
 
 def patchify(x, p):
     return rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)  # (B, C, H, W) -> (B, HW/p^2, p*p*C)
-
 def unpatchify(x, p, h):
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)  # official 'nhwpqc->nchpwq'
-
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -138,7 +129,7 @@ class PixArt(nn.Module):  # (B, C, 32, 32), t, caption ids -> eps and v, (B, 2C,
         self.register_buffer("pos", sincos_2d(hidden, self.grid), persistent=False)   # fixed, not trained
         self.t_embed = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))   # adaLN-single: one for all blocks
-        self.text = TextEncoder(hidden)                                   # trained jointly (see the docstring)
+        self.text = TextEncoder(hidden)                                   # fitted, then frozen (see the docstring)
         self.y_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden))
         self.blocks = nn.ModuleList(PixArtBlock(hidden, heads) for _ in range(depth))
         self.final = nn.Linear(hidden, patch * patch * 2 * channels)     # T2IFinalLayer; learned Sigma: eps and v
@@ -147,11 +138,10 @@ class PixArt(nn.Module):  # (B, C, 32, 32), t, caption ids -> eps and v, (B, 2C,
         for m in (m for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.startswith("text.")):
             nn.init.zeros_(m.weight) if m in zero else nn.init.xavier_uniform_(m.weight)   # official initialize_weights
             nn.init.zeros_(m.bias)
-        for m in (*self.t_embed[::2], self.t_block[1], *self.y_proj[::2]):
+        for m in (*self.t_embed[::2], self.t_block[1]):
             nn.init.normal_(m.weight, std=0.02)
     def forward(self, x, t, y):                                           # x (B, C, 32, 32), t (B,), y (B, L) token ids
-        y, mask, _ = self.text(y)                                         # (B, L, D), (B, L): no pooled text in PixArt
-        y = self.y_proj(y)                                                # caption embedder, (B, L, D)
+        y, mask = self.y_proj(self.text(y)[0]), y > 0                     # caption embedder on the tokens (no pooled text)
         h = self.x_embed(patchify(x, self.patch)) + self.pos             # (B, N, D), N = (32/p)^2
         t = self.t_embed(timestep_embedding(t, 256))                      # (B, D)
         t0 = self.t_block(t)                                              # (B, 6D), computed once, shared by every block
@@ -162,8 +152,7 @@ class PixArt(nn.Module):  # (B, C, 32, 32), t, caption ids -> eps and v, (B, 2C,
         return unpatchify(h, self.patch, self.grid)                       # (B, 2C, 32, 32), zero at init
 
 @torch.no_grad()
-def from_dit(net, dit, t=500):
-    """Re-parameterisation (Sec. 2.3) from an image/dit.py state dict; t_block, cross-attention and text keep their init."""
+def from_dit(net, dit, t=500):  # re-parameterisation (Sec. 2.3) from a dit.py state dict; t_block, cross-attn keep init
     copied = r"(x_embed|t_embed|final\.linear|blocks\.\d+\.(attn|mlp))\."  # patch embed, t embedder, attention, MLP, out
     net.load_state_dict({k.replace("final.linear", "final"): v for k, v in dit.items() if re.match(copied, k)}, strict=False)
     t_emb = net.t_embed(timestep_embedding(torch.tensor([t]), 256))[0]   # (D,), DiT's own embedder now
@@ -243,6 +232,16 @@ def ddpm_sample(model, noise, n, frames=20, bar=False):
     return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 32, 32)
 
 # --- train ---
+def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digit
+    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)
+    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # not --lr: fixed, no diffusion
+    for _ in range(steps):
+        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64,)), "random")).to(device))[2])
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(logits, y.to(device)).backward()
+        opt.step()
+    return (logits.argmax(1).cpu() == y).float().mean().item()
+
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
     if ckpt_path.exists() and not args.resume:
@@ -255,6 +254,9 @@ def train(args, device, out, ckpt_path):
     net, x = PixArt(cfg.hidden, cfg.depth, cfg.heads, cfg.patch), x.to(device)
     if src:                                                               # sizes from src; its EMA weights
         from_dit(net, src["ema"]) if src["script"] == "dit" else net.load_state_dict(src["ema"])
+    if not state and not (src and src["script"] == NAME):                # a stage-1 PixArt brings its fitted encoder
+        log(out / "log.txt", f"text encoder fitted: probe accuracy {fit_text(net.text.to(device), cfg.text_steps, device):.2f}")
+    net.text.requires_grad_(False).zero_grad(set_to_none=True)            # frozen, as T5 is; no grads of the fit
     ema = copy.deepcopy(net.to(device)).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.03, eps=1e-10, fused=device.type == "cuda")
     sched, step = schedule(BETAS, device), state["step"] if state else 0
@@ -265,10 +267,8 @@ def train(args, device, out, ckpt_path):
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
     fwd = torch.compile(net) if args.compile else net
-    log(out / "log.txt", f"{NAME}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-                         f"{len(x)} training images, {device}, step {step}/{cfg.steps}, {cfg}"
-                         + (f", from {args.init_from} ({src['script']}.py, step {src['step']})" if src else ""))
-
+    log(out / "log.txt", f"{NAME}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(x)} images, "
+                         f"{device}, step {step}/{cfg.steps}, {cfg}" + (f", from {args.init_from}" if src else ""))
     def save(done, write=True):  # a NaN/inf loss stops training before it can reach a checkpoint
         if not torch.isfinite(running):
             raise UserError(f"loss became {running.item()} before step {done}; stopped, the last good "

@@ -5,18 +5,16 @@ sampling.py, likelihood.py).
 
 The idea: turn data into noise with an SDE dx = f(x, t) dt + g(t) dw (Eq. 5): VE for SMLD's noise scales, VP for
 DDPM's, or the new sub-VP. Denoising score matching (Eq. 7) learns the score grad_x log p_t(x) of every marginal,
-which is all the reverse-time SDE (Eq. 6) needs. Sample with a numerical solver of it (the predictor), each step
-followed by Langevin MCMC (the corrector), or solve the probability flow ODE (Eq. 13). That ODE is deterministic
-with the same marginals and gives exact likelihoods.
+all that the reverse-time SDE (Eq. 6) needs. Sample by solving it (the predictor), each step followed by Langevin
+MCMC (the corrector), or solve the probability flow ODE (Eq. 13): deterministic, same marginals, exact likelihoods.
 
 Time convention (as the paper): t=0 is data, t=1 is noise (the prior); samplers run from t=1 down to t=eps.
 
 Deviations from the paper:
-- A small DDPM-style U-Net (image/edm.py's, unconditional like the paper) instead of DDPM++/NCSN++. Its time input
-  is 999 t for vp and subvp (official) and ln sigma for ve, through the same sinusoidal embedding (NCSN++: random
-  Fourier features of ln sigma, scale 16).
-- Data in [-1, 1] for every SDE (official ve: [0, 1]). Short runs: 10k steps (paper: 1.3M), lr 1e-3, warm-up 500,
-  EMA 0.999 (paper: 2e-4, 5000, 0.9999 for vp and subvp).
+- A small DDPM-style U-Net (image/edm.py's, unconditional like the paper) instead of DDPM++/NCSN++; its sinusoidal
+  time embedding takes 999 t for vp and subvp (official), ln sigma for ve (NCSN++: random Fourier features, scale 16).
+- Data in [-1, 1] for every SDE (official ve: [0, 1]). Short runs: 10k steps, lr 1e-3, warm-up 500, EMA 0.999
+  (paper: 1.3M, 2e-4, 5000, 0.9999 for vp and subvp).
 - RK45 is our own Dormand-Prince in torch (no scipy), one step size for the whole batch as official; the first step
   is 1% of the interval (scipy estimates one) and a step after a rejection may grow (scipy: not).
 - Langevin on sub-VP uses VP's alpha_i (the official code has none for sub-VP and fails).
@@ -77,13 +75,11 @@ class Config:
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, warmup=100),
-    "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, bpd_digits=2,
-                   log_every=1, ckpt_every=1),
+    "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, bpd_digits=2, log_every=1, ckpt_every=1),
 }
-ZERO_OK = ("dropout", "warmup")  # others must be > 0
+ZERO_OK = ("dropout", "warmup")  # others must be > 0; CHOICES: flags with a choice instead of a number
 CHOICES = {"sde": ("vp", "subvp", "ve"), "weighting": ("sigma2", "likelihood"), "sampler": ("pc", "ode"),
-           "predictor": ("auto", "euler_maruyama", "reverse_diffusion", "ancestral"),
-           "corrector": ("auto", "langevin", "none")}  # flags with a choice instead of a number
+           "predictor": ("auto", "euler_maruyama", "reverse_diffusion", "ancestral"), "corrector": ("auto", "langevin", "none")}
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -168,7 +164,7 @@ SAMPLE_EPS, EPS = {"vp": 1e-3, "subvp": 1e-3, "ve": 1e-5}, 1e-5   # samplers sto
 PAPER_PC = {"vp": ("euler_maruyama", "none"), "subvp": ("euler_maruyama", "none"), "ve": ("reverse_diffusion", "langevin")}
 
 class SDE:
-    """dx = f(x, t) dt + g(t) dw, t in [0, 1] (Eq. 5): ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12), N steps when
+    """dx = f(x, t) dt + g(t) dw, t in [0, T=1] (Eq. 5): ve (Eq. 9), vp (Eq. 11) or subvp (Eq. 12), N steps when
     discretized. Times t are (B,), coefficients (B, 1, 1, 1)."""
     T = 1.0
 
@@ -216,12 +212,10 @@ class SDE:
     def reverse(self, score, probability_flow=False):
         """Reverse-time SDE (Eq. 6): drift f - g^2 score, diffusion g; probability flow ODE (Eq. 13): f - g^2 score / 2,
         0. The same on discretize (reverse diffusion, App. E). score(x, t) ~ grad_x log p_t(x)."""
-        def rev(fn):
-            def drift_diffusion(x, t):
-                f, g = fn(x, t)
-                return f - (0.5 if probability_flow else 1.0) * g ** 2 * score(x, t), g * (not probability_flow)
-            return drift_diffusion
-        return SimpleNamespace(N=self.N, sde=rev(self.sde), discretize=rev(self.discretize))
+        def rev(fn, x, t):
+            f, g = fn(x, t)
+            return f - (0.5 if probability_flow else 1.0) * g ** 2 * score(x, t), g * (not probability_flow)
+        return SimpleNamespace(sde=lambda x, t: rev(self.sde, x, t), discretize=lambda x, t: rev(self.discretize, x, t))
 
 def score_fn(net, sde):
     """s_theta(x, t): -F(x, 999 t) / std(t) for vp and subvp; F(x, ln sigma(t)) / sigma(t) for ve (scale_by_sigma)."""
@@ -232,15 +226,13 @@ def score_fn(net, sde):
     return score
 
 def sde_loss(score, sde, x, weighting="sigma2"):
-    """Eq. 7 with the Gaussian kernel, t ~ U(eps, 1), x_t = mean_t + std_t z: lambda(t) ||s(x_t, t) + z / std_t||^2,
-    per image the mean over pixels for vp and subvp, 0.5 x the sum for ve (as official)."""
+    """Eq. 7 with the Gaussian kernel, t ~ U(eps, 1), x_t = mean_t + std_t z: lambda(t) ||s(x_t, t) + z / std_t||^2 with
+    lambda = std^2, or g^2 (likelihood weighting, bounds the NLL: arXiv 2101.09258). Per image the mean over pixels for
+    vp and subvp, 0.5 x the sum for ve (as official)."""
     t, z = torch.rand(len(x), device=x.device) * (sde.T - EPS) + EPS, torch.randn_like(x)
     mean, std = sde.marginal_prob(x, t)
     s = score(mean + std * z, t)
-    if weighting == "likelihood":                                         # lambda = g^2 bounds the NLL (arXiv 2101.09258)
-        loss = (s + z / std) ** 2 * sde.sde(x, t)[1] ** 2
-    else:                                                                 # lambda = std^2
-        loss = (std * s + z) ** 2
+    loss = (s + z / std) ** 2 * sde.sde(x, t)[1] ** 2 if weighting == "likelihood" else (std * s + z) ** 2
     return loss.flatten(1).mean(1) if sde.kind != "ve" else 0.5 * loss.flatten(1).sum(1)   # (B,)
 
 def predict(name, sde, score, x, t):
@@ -262,8 +254,7 @@ def predict(name, sde, score, x, t):
 def langevin(sde, score, x, t, snr):
     """Corrector (Alg. 4 for ve, 5 for vp): eps = 2 alpha_i (r ||z|| / ||s||)^2, norms averaged over the batch
     (official); alpha_i = 1 - beta_i for vp and subvp, 1 for ve. Returns x and x_mean."""
-    alpha = 1.0 if sde.kind == "ve" else 1 - sde.discrete(t)[0]
-    s, z = score(x, t), torch.randn_like(x)
+    alpha, s, z = 1.0 if sde.kind == "ve" else 1 - sde.discrete(t)[0], score(x, t), torch.randn_like(x)
     eps = 2 * alpha * (snr * z.flatten(1).norm(dim=1).mean() / s.flatten(1).norm(dim=1).mean()) ** 2
     return x + eps * s + (2 * eps).sqrt() * z, x + eps * s
 
@@ -274,8 +265,7 @@ def pc_sampler(sde, score, x, eps, predictor="euler_maruyama", corrector="none",
     frames = [x]
     for i, t in enumerate(tqdm(torch.linspace(sde.T, eps, sde.N).tolist(), desc="sample", leave=False, disable=not bar)):
         t = x.new_full((len(x),), t)                                     # (B,)
-        if corrector == "langevin":
-            x, _ = langevin(sde, score, x, t, snr)
+        x = langevin(sde, score, x, t, snr)[0] if corrector == "langevin" else x
         x, x_mean = predict(predictor, sde, score, x, t)
         if (i + 1) % -(-sde.N // 30) == 0 or i == sde.N - 1:
             frames.append(x_mean)
@@ -328,8 +318,7 @@ def likelihood(sde, score, x, tol=1e-5):
 def bits_per_dim(sde, score, x, tol=1e-5):
     """Digits x in [-1, 1], dequantized as official: (k + u) / 256 in [0, 1], scaled to [-1, 1]. A pixel's bin is
     then 2/256 wide: -log2 P(k) = -log2 p(x) - D log2(2/256), +7 bits/dim (official: 7 - inverse_scaler(-1))."""
-    y = (((x + 1) * 127.5).round() + torch.rand_like(x)) / 128 - 1
-    logp, nfe = likelihood(sde, score, y, tol)
+    logp, nfe = likelihood(sde, score, (((x + 1) * 127.5).round() + torch.rand_like(x)) / 128 - 1, tol)
     return -logp / (x[0].numel() * math.log(2)) + 7, nfe
 
 # --- train ---
@@ -416,17 +405,15 @@ def sample(args, device, out, ckpt_path):
     net.load_state_dict(state["ema"])
     sde, dtype = SDE(cfg.sde, cfg.sample_steps), torch.float32 if device.type == "mps" else torch.float64  # MPS: no float64
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # important: RK45 needs float32 nets
-    score = score_fn(net, sde)
+    score, eps = score_fn(net, sde), SAMPLE_EPS[cfg.sde]
     if args.sample:
-        noise = sde.prior_sampling((cfg.num_samples, 1, 32, 32), torch.Generator().manual_seed(args.seed))
+        noise = sde.prior_sampling((cfg.num_samples, 1, 32, 32), torch.Generator().manual_seed(args.seed)).to(device, dtype)
         torch.manual_seed(args.seed)                                      # the sampler's noise
-        if cfg.sampler == "ode":
-            traj, nfe = ode_sampler(sde, score, noise.to(device, dtype), SAMPLE_EPS[cfg.sde], cfg.ode_tol)
-            how = f"probability flow ODE, RK45 tol {cfg.ode_tol}"
-        else:
-            pc = [c if c != "auto" else paper for c, paper in zip((cfg.predictor, cfg.corrector), PAPER_PC[cfg.sde])]
-            traj, nfe = pc_sampler(sde, score, noise.to(device, dtype), SAMPLE_EPS[cfg.sde], *pc, cfg.snr, bar=True)
-            how = f"{cfg.sample_steps} PC steps, {pc[0]} + {pc[1]} corrector (snr {cfg.snr})"
+        pc = [c if c != "auto" else paper for c, paper in zip((cfg.predictor, cfg.corrector), PAPER_PC[cfg.sde])]
+        traj, nfe = (ode_sampler(sde, score, noise, eps, cfg.ode_tol) if cfg.sampler == "ode"
+                     else pc_sampler(sde, score, noise, eps, *pc, cfg.snr, bar=True))
+        how = (f"probability flow ODE, RK45 tol {cfg.ode_tol}" if cfg.sampler == "ode"
+               else f"{cfg.sample_steps} PC steps, {pc[0]} + {pc[1]} corrector (snr {cfg.snr})")
         save_png(out / "samples.png", traj[-1])
         save_gif(out / "samples.gif", traj)                               # x_mean along the sampler's path
         save_npz(out / "samples.npz", images=traj[-1])

@@ -237,3 +237,23 @@ def test_stages_init_from_and_prompts(fake_data, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             px.main(["--train", *base[:-1], str(tmp_path / "bad"), *extra])
         assert needle in str(e.value.code), e.value.code
+
+
+def test_text_encoder_is_fitted_then_frozen(fake_data, tmp_path):
+    """The encoder stands in for frozen T5: fitted once before diffusion training, then never updated (nor on resume)."""
+    args = [str(a) for a in tiny(fake_data, tmp_path)]
+    px.main(["--train", *args])
+    first = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    assert "text encoder fitted" in (tmp_path / "log.txt").read_text()
+    fresh = px.TextEncoder(16).state_dict()
+    assert any(not torch.equal(first[f"text.{k}"], v) for k, v in fresh.items())
+    px.main(["--train", "--resume", *args, "--steps", "4"])
+    second = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(second["model"][k], v) for k, v in first.items() if k.startswith("text."))
+    assert all(torch.equal(second["ema"][k], v) for k, v in first.items() if k.startswith("text."))
+    assert any(not torch.equal(second["model"][k], v) for k, v in first.items() if k.startswith("blocks."))
+
+
+def test_fit_text_learns_the_digit():
+    torch.manual_seed(0)
+    assert px.fit_text(px.TextEncoder(16), 120, "cpu") > 0.8
