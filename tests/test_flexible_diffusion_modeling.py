@@ -92,8 +92,27 @@ def test_loss_ignores_the_observed_frames():
 
     def oracle(z_t, x, t, idx, obs_, pad=None):
         a, s = fdm.alpha_sigma(t)
-        return torch.where(obs_[:, None, :, None, None], torch.randn_like(x), (z_t - a * x) / s)   # junk on observed
+        return torch.where(obs_[:, None, :, None, None], torch.randn_like(x), (a * z_t - x) / s)   # junk on observed
     assert fdm.diffusion_loss(oracle, x0.clamp(-1, 1), idx, obs).max() < 1e-4
+
+
+def test_v_prediction_round_trip():
+    """v = alpha_t eps - sigma_t x (Salimans & Ho 2022): the exact v gives back x, and is what the loss regresses to
+    on the latent frames."""
+    _, (_, x, _, idx, obs) = small_net(), task()
+    x, eps = x.clamp(-1, 1), torch.randn_like(x)
+    for t in torch.tensor([0.0, 0.01, 0.3, 0.5, 0.8, 0.99, 1.0]):
+        a, s = fdm.alpha_sigma(t)
+        z, v = a * x + s * eps, a * eps - s * x
+        assert torch.allclose(fdm.x0_hat(lambda z_, t_: v, z, t), x, atol=1e-5)
+        assert torch.allclose(s * z + a * v, eps, atol=1e-5)              # eps_hat = sigma z + alpha v
+
+    def oracle(z_t, x_, t, idx, obs_, pad=None, target="v"):             # knows x, so eps, so the exact v
+        a, s = fdm.alpha_sigma(t)
+        e = (z_t - a * x) / s
+        return a * e - s * x if target == "v" else e
+    assert fdm.diffusion_loss(oracle, x, idx, obs).max() < 1e-4
+    assert fdm.diffusion_loss(lambda *a: oracle(*a, target="eps"), x, idx, obs).mean() > 0.05   # the target is not eps
 
 
 def test_padding_frames_form_their_own_group():
@@ -162,13 +181,13 @@ def test_training_tasks():
 def test_generate_runs_the_stages_in_order():
     calls = []
 
-    def eps_fn(z, x0, t, idx, obs):                                       # x_hat = frame index / 100 on latent frames
+    def v_fn(z, x0, t, idx, obs):                                         # x_hat = frame index / 100 on latent frames
         calls.append((idx[0].tolist(), obs[0].tolist(), x0[0, 0, :, 0, 0][obs[0]].tolist()))
         a, s = fdm.alpha_sigma(t)
         target = (idx[:, None, :, None, None] / 100.0).expand_as(z)
-        return (z - a * target) / s
+        return (a * z - target) / s
     stages = fdm.hierarchy_2(12, 4, 2)
-    video = fdm.generate(eps_fn, stages, 2, 12, 3, "cpu")
+    video = fdm.generate(v_fn, stages, 2, 12, 3, "cpu")
     assert torch.allclose(video[:, 0, :, 5, 7], torch.arange(12) / 100.0, atol=1e-3)
     for (obs, latent), (idx, is_obs, x0) in zip(stages, calls[::3]):      # 3 denoising steps a stage
         assert idx == obs + latent and is_obs == [True] * len(obs) + [False] * len(latent)

@@ -79,49 +79,67 @@ def test_no_cross_frame_mixing_before_temporal_attention():
     assert torch.allclose(folded, conv3d(h), atol=1e-5)
 
 
+def test_v_prediction_round_trip():
+    """v = alpha_t eps - sigma_t x (Salimans & Ho 2022): the exact v gives back x, and is what the loss regresses to."""
+    torch.manual_seed(0)
+    x, eps = torch.rand(3, 1, 4, 8, 8) * 2 - 1, torch.randn(3, 1, 4, 8, 8)
+    for t in torch.tensor([0.0, 0.01, 0.3, 0.5, 0.8, 0.99, 1.0]):
+        a, s = vdm.alpha_sigma(t)
+        z, v = a * x + s * eps, a * eps - s * x
+        assert torch.allclose(vdm.x0_hat(lambda z_, t_: v, z, t), x, atol=1e-5)
+        assert torch.allclose(s * z + a * v, eps, atol=1e-5)              # eps_hat = sigma z + alpha v
+
+    def oracle(z, t, y, images, target="v"):                              # knows x, so eps, so the exact v
+        a, s = vdm.alpha_sigma(t)
+        e = (z - a * x) / s
+        return a * e - s * x if target == "v" else e
+    assert vdm.diffusion_loss(oracle, x, None).max() < 1e-4
+    assert vdm.diffusion_loss(lambda *a: oracle(*a, target="eps"), x, None).mean() > 0.05   # the target is not eps
+
+
 def test_reconstruction_guidance_is_eq7_on_a_linear_model():
     torch.manual_seed(0)
     f, k, t, w_r = 5, 2, torch.tensor(0.4), 1.7
     M = torch.randn(f, f, dtype=torch.float64) * 0.2                      # x_hat(z) = M z over frames
     a, s = (v.flatten()[0].double() for v in vdm.alpha_sigma(t))
 
-    def eps_fn(z, t):
-        return (z - a * torch.einsum("ij,bcjxy->bcixy", M, z)) / s
+    def v_fn(z, t):                                                       # v = (alpha z - x_hat) / sigma
+        return (a * z - torch.einsum("ij,bcjxy->bcixy", M, z)) / s
 
     z, x_a = (torch.randn(3, 1, n, 2, 2, dtype=torch.float64) * 0.3 for n in (f, k))
     x0 = torch.einsum("ij,bcjxy->bcixy", M, z)
     resid = x_a - x0[:, :, :k]                                            # grad_{z^b} ||x^a - M_a z||^2 = -2 M_ab^T r
     want_b = x0[:, :, k:] + w_r * a * torch.einsum("ij,bcixy->bcjxy", M[:k, k:], resid)
-    got = vdm.x0_hat(eps_fn, z, t, x_a, w_r)
+    got = vdm.x0_hat(v_fn, z, t, x_a, w_r)
     assert got.abs().max() < 1                                            # no clipping in play
     assert torch.allclose(got[:, :, :k], x0[:, :, :k]) and torch.allclose(got[:, :, k:], want_b)
-    assert torch.allclose(vdm.x0_hat(eps_fn, z, t, x_a, 0.0), x0)         # w_r = 0: the plain x_hat
+    assert torch.allclose(vdm.x0_hat(v_fn, z, t, x_a, 0.0), x0)           # w_r = 0: the plain x_hat
 
 
 def test_guidance_gradient_flows_only_through_temporal_coupling():
     net, (x, _, y) = small_net(), clip(f=4)
     t, x_a = torch.tensor(0.5), x[:, :, :2].clamp(-1, 1)
     for images, coupled in ((0, True), (4, False)):                       # identity mask: frames cannot see x^a
-        eps = lambda z, t: net(z, t, y, images)                          # noqa: E731
-        plain, guided = vdm.x0_hat(eps, x, t), vdm.x0_hat(eps, x, t, x_a, 3.0)
+        v_fn = lambda z, t: net(z, t, y, images)                         # noqa: E731
+        plain, guided = vdm.x0_hat(v_fn, x, t), vdm.x0_hat(v_fn, x, t, x_a, 3.0)
         assert torch.equal(guided[:, :, :2], plain[:, :, :2])            # x^a frames themselves are not adjusted
         assert torch.allclose(guided[:, :, 2:], plain[:, :, 2:], atol=1e-6) != coupled
 
 
 def gaussian_ar1(f=6, rho=0.9, std=0.3):
-    """x ~ N(0, S) over frames, S_ij = std^2 rho^|i-j|, and its exact eps(z_t, t) (1 pixel a frame)."""
+    """x ~ N(0, S) over frames, S_ij = std^2 rho^|i-j|, and its exact v(z_t, t) (1 pixel a frame)."""
     i = torch.arange(f)
     S = std ** 2 * rho ** (i[:, None] - i[None]).abs().double()
 
-    def eps_fn(z, t):
+    def v_fn(z, t):
         a, s = (v.flatten()[0].double() for v in vdm.alpha_sigma(t[:1]))
         A = a * S @ torch.linalg.inv(a ** 2 * S + s ** 2 * torch.eye(f, dtype=torch.float64))   # E[x | z_t] = A z_t
-        return ((z.double() - a * torch.einsum("ij,bcjxy->bcixy", A, z.double())) / s).float()
-    return S, eps_fn
+        return ((a * z.double() - torch.einsum("ij,bcjxy->bcixy", A, z.double())) / s).float()   # E[v | z_t]
+    return S, v_fn
 
 
 def test_reconstruction_guidance_beats_replacement_on_a_gaussian_ar1_video():
-    S, eps_fn = gaussian_ar1()
+    S, v_fn = gaussian_ar1()
     k, n = 3, 3000
     x_a = torch.full((n, 1, k, 1, 1), 0.4)
     true = S[k:, :k] @ torch.linalg.inv(S[:k, :k]) @ torch.full((k,), 0.4, dtype=torch.float64)   # E[x^b | x^a]
@@ -130,11 +148,11 @@ def test_reconstruction_guidance_beats_replacement_on_a_gaussian_ar1_video():
         seen = []
 
         def probe(z, t):
-            e = eps_fn(z, t)
+            v = v_fn(z, t)
             a, s = vdm.alpha_sigma(t[:1])
             if t[0] < 0.9:                                                # ||x^a - x_hat^a(z_t)||, alpha_t not ~0
-                seen.append(((z[:, :, :k] - s * e[:, :, :k]) / a - x_a).detach().pow(2).mean())
-            return e
+                seen.append((a * z[:, :, :k] - s * v[:, :, :k] - x_a).detach().pow(2).mean())
+            return v
         torch.manual_seed(1)
         out = vdm.ancestral(probe, torch.randn(n, 1, 6, 1, 1), 60, x_a, w_r)
         assert torch.equal(out[:, :, :k], x_a)
@@ -173,9 +191,9 @@ def test_joint_batch_loss_and_classifier_free_guidance():
             assert src and any((y[b, j] == labels[i]).all() for i in src)
     target = torch.rand(4, 1, 3, 8, 8) * 2 - 1
 
-    def oracle(z, t, y, images):                                          # knows x: the exact eps
+    def oracle(z, t, y, images):                                          # knows x: the exact v
         a, s = vdm.alpha_sigma(t)
-        return (z - a * target) / s
+        return (a * z - target) / s
     assert vdm.diffusion_loss(oracle, target, None).max() < 1e-4
     net, (z, t, y) = small_net(), clip(f=3)
     cond, uncond = net(z, t, y), net(z, t, torch.full_like(y, vdm.NULL))

@@ -13,7 +13,8 @@ the start) and Hierarchy-2 (keyframes spread over the whole video first, then th
 sides), which keeps digits the same across a video far longer than K.
 
 Time convention: t = 0 is data, t = 1 is noise, z_t = alpha_t x + sigma_t eps, cosine log-SNR, as
-video/video_diffusion_models.py (the code: DDPM, 1000 discrete steps, step 999 is noise).
+video/video_diffusion_models.py (the code: DDPM, 1000 discrete steps, step 999 is noise). The network predicts
+v = alpha_t eps - sigma_t x, so x_hat = alpha_t z_t - sigma_t v_hat.
 
 Deviations from the paper:
 - Moving MNIST (two bouncing digits, 32x32) with 64-frame training videos and K = 16 (paper: CARLA 1000, MineRL 500,
@@ -26,8 +27,9 @@ Deviations from the paper:
 - One RPE net per temporal attention outputs R^q, R^k and R^v together (the code: three nets with the same inputs).
   ResBlocks add the time embedding (the code: scale-shift norm). Temporal attention before spatial attention, as the
   code. The frames of a task are ordered observed first (the code: by frame index); nothing depends on the order.
-- Diffusion as video_diffusion_models.py: continuous cosine log-SNR, eps-prediction, ancestral sampling with the
-  posterior variance and x_hat clipped to [-1, 1], 256 steps (the code: linear beta, 1000 steps, variance beta_t).
+- Diffusion as video_diffusion_models.py: continuous cosine log-SNR, ancestral sampling with the posterior variance
+  and x_hat clipped to [-1, 1], 256 steps (the code: linear beta, 1000 steps, variance beta_t); v-prediction
+  (Salimans & Ho 2022; the code: eps): with eps our small CPU model sampled grey backgrounds.
 - Small widths, attention at <= 16x16 only (<= 8x8 on the CPU); gradient clipping 1; bf16 autocast on CUDA; lr 2e-4
   (the code: 1e-4, no clipping, fp16 optional).
 
@@ -175,7 +177,7 @@ def fdm_input(z, x0, obs):  # the paper's idea (Sec. 4): observed frames enter c
     return torch.cat([torch.where(m, x0, z), m.expand_as(z).to(z.dtype)], 1)
 
 class UNet(nn.Module):
-    """eps(z_t, x0, t, frame indices, observed mask) on (B, 1, F, 32, 32): edm.py's U-Net run on every frame (frames
+    """v(z_t, x0, t, frame indices, observed mask) on (B, 1, F, 32, 32): edm.py's U-Net run on every frame (frames
     folded into the batch), 32 -> 16 -> 8; frames meet only in the temporal attention."""
 
     def __init__(self, ch=64, blocks=2, attn_res=16, mult=(1, 2, 2)):
@@ -215,7 +217,7 @@ class UNet(nn.Module):
             h = layer(h, e, f, idx, pad)                                  # (B F, 2ch, 8, 8)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], 1), e, f, idx, pad) if isinstance(layer, Block) else layer(h)
-        return rearrange(self.out(h), "(b f) c x y -> b c f x y", b=b)     # (B, 1, F, H, W) eps_hat, zero at init
+        return rearrange(self.out(h), "(b f) c x y -> b c f x y", b=b)     # (B, 1, F, H, W) v_hat, zero at init
 
 # --- diffusion ---
 # log_snr, alpha_sigma, posterior: same as video/video_diffusion_models.py
@@ -226,11 +228,13 @@ def alpha_sigma(t):  # alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), as
     return (lam := log_snr(t.float()).reshape(-1, 1, 1, 1, 1)).sigmoid().sqrt(), (-lam).sigmoid().sqrt()
 
 def diffusion_loss(net, x, idx, obs, pad=None):
-    """|| eps - eps_theta(z_t, x0, t, idx, obs) ||^2 over the latent frames only (Sec. 4): observed frames are inputs,
-    not targets; padding frames count as latent, as in the code. t ~ U[0, 1], one t per task."""
+    """|| v_theta(z_t, x0, t, idx, obs) - v ||^2, v = alpha_t eps - sigma_t x (v-prediction), over the latent frames
+    only (Sec. 4): observed frames are inputs, not targets; padding frames count as latent, as in the code.
+    t ~ U[0, 1], one t per task."""
     t, eps = torch.rand(len(x), device=x.device), torch.randn_like(x)
     a, s = alpha_sigma(t)
-    err = ((net(a * x + s * eps, x, t, idx, obs, pad).float() - eps) ** 2).mean((1, 3, 4))   # (B, F)
+    v = a * eps - s * x
+    err = ((net(a * x + s * eps, x, t, idx, obs, pad).float() - v) ** 2).mean((1, 3, 4))   # (B, F)
     latent = (~obs).float()
     return (err * latent).sum(1) / latent.sum(1)                          # (B,)
 
@@ -240,13 +244,17 @@ def posterior(z, x0, t, s):
     c = -torch.expm1(log_snr(t) - log_snr(s))
     return a_s * (z * (1 - c) / a_t + c * x0), s_s ** 2 * c
 
+def x0_hat(v_fn, z, t):
+    """x_hat = alpha_t z_t - sigma_t v_hat, clipped to [-1, 1] (video_diffusion_models.py's, without guidance)."""
+    a, s = alpha_sigma(t)
+    return (a * z - s * v_fn(z, t.expand(len(z))).float()).clamp(-1, 1)
+
 @torch.no_grad()
-def ancestral(eps_fn, noise, n):
-    """t = 1 -> 0 in n ancestral steps (the posterior variance), x_hat = (z_t - sigma_t eps_hat) / alpha_t clipped."""
+def ancestral(v_fn, noise, n):
+    """t = 1 -> 0 in n ancestral steps (the posterior variance), x_hat = alpha_t z_t - sigma_t v_hat clipped."""
     ts, z = torch.linspace(1, 0, n + 1, device=noise.device), noise
     for i in range(n):
-        a, s = alpha_sigma(ts[i])
-        x0 = ((z - s * eps_fn(z, ts[i].expand(len(z))).float()) / a).clamp(-1, 1)
+        x0 = x0_hat(v_fn, z, ts[i])
         mean, var = posterior(z, x0, ts[i], ts[i + 1])
         z = mean + var.sqrt() * torch.randn_like(z) if i < n - 1 else mean   # no noise at the last step
     return z
@@ -295,15 +303,15 @@ def hierarchy_2(length, k, step):
 SCHEMES = {"autoregressive": autoregressive, "long-range": long_range, "hierarchy-2": hierarchy_2}
 
 @torch.no_grad()
-def generate(eps_fn, stages, n, length, steps, device):
+def generate(v_fn, stages, n, length, steps, device):
     """Run a scheme's stages in turn: each samples its latent frames given the frames generated before (Sec. 3).
-    eps_fn(z, x0, t, idx, obs) is the network; returns (n, 1, length, 32, 32)."""
+    v_fn(z, x0, t, idx, obs) is the network; returns (n, 1, length, 32, 32)."""
     video = torch.zeros(n, 1, length, 32, 32, device=device)
     for obs, latent in tqdm(stages, desc="stages", leave=False):
         idx = torch.tensor(obs + latent, device=device).expand(n, -1)    # (B, F): observed first
         is_obs = (torch.arange(idx.shape[1], device=device) < len(obs)).expand(n, -1)
         x0 = video[:, :, idx[0]]                                          # the latent frames' zeros are never read
-        z = ancestral(lambda z, t: eps_fn(z, x0, t, idx, is_obs), torch.randn_like(x0), steps)
+        z = ancestral(lambda z, t: v_fn(z, x0, t, idx, is_obs), torch.randn_like(x0), steps)
         video[:, :, latent] = z[:, :, len(obs):]
     return video
 

@@ -13,12 +13,15 @@ last frames x^a; the replacement method (z^a_t <- a fresh sample of q(z_t | x^a)
 good alone but do not follow x^a, which reconstruction guidance (Eq. 7) fixes by moving x_hat^b along
 -grad_{z^b} ||x^a - x_hat^a(z_t)||^2.
 
-Time convention (as the paper): t = 0 is data, t = 1 is noise, z_t = alpha_t x + sigma_t eps, cosine log-SNR.
+Time convention (as the paper): t = 0 is data, t = 1 is noise, z_t = alpha_t x + sigma_t eps, cosine log-SNR
+(alpha_t^2 + sigma_t^2 = 1). The network predicts v = alpha_t eps - sigma_t x, so x_hat = alpha_t z_t - sigma_t v_hat.
 
 Deviations from the paper:
 - Conditioning on the two digits of a clip: the sum of two label embeddings (order-free: "3 and 5" = "5 and 3")
   added to the time embedding (paper: BERT-large text embeddings); null label 10 with p 0.1 for classifier-free
-  guidance, written w eps_c + (1 - w) eps_u (the paper's 1 + w).
+  guidance, written w v_c + (1 - w) v_u (the paper's 1 + w; guidance is linear, so on v it equals that on eps).
+- v-prediction (Salimans & Ho 2022, as Imagen Video) instead of eps: with eps our small CPU model sampled grey
+  backgrounds (~20% of pixels near black, real clips ~90%).
 - A (1, 3, 3) 3D convolution is written as a 2D convolution on frames folded into the batch (the same operation and
   weights), so that image/edm.py's blocks are reused unchanged; GroupNorm is therefore per frame (a 3D GroupNorm
   shares statistics over frames and would leak between the independent image frames).
@@ -168,7 +171,7 @@ class Block(nn.Module):
         return h
 
 class UNet(nn.Module):
-    """Factorised space-time U-Net eps(z_t, t, y) on (B, 1, F, 32, 32): edm.py's U-Net run on every frame (frames
+    """Factorised space-time U-Net v(z_t, t, y) on (B, 1, F, 32, 32): edm.py's U-Net run on every frame (frames
     folded into the batch: its 3x3 convs are the paper's (1, 3, 3) ones), 32 -> 16 -> 8; frames meet only in the
     temporal attention. y (B, F, 2): the two digits of each frame, 10 = null."""
 
@@ -211,7 +214,7 @@ class UNet(nn.Module):
             h = layer(h, e, f, images)                                    # (B F, 2ch, 8, 8)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], 1), e, f, images) if isinstance(layer, Block) else layer(h)
-        return rearrange(self.out(h), "(b f) c x y -> b c f x y", b=b)     # (B, 1, F, H, W) eps_hat, zero at init
+        return rearrange(self.out(h), "(b f) c x y -> b c f x y", b=b)     # (B, 1, F, H, W) v_hat, zero at init
 
 # --- diffusion ---
 NULL = 10  # the 'no digit' label of classifier-free guidance
@@ -224,25 +227,27 @@ def alpha_sigma(t):  # alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), as
     return (lam := log_snr(t.float()).reshape(-1, 1, 1, 1, 1)).sigmoid().sqrt(), (-lam).sigmoid().sqrt()
 
 def diffusion_loss(net, x, y, images=0):
-    """|| eps_theta(z_t, t, y) - eps ||^2 over every frame, video and image alike, t ~ U[0, 1] (Sec. 2)."""
+    """|| v_theta(z_t, t, y) - v ||^2, v = alpha_t eps - sigma_t x (v-prediction), over every frame, video and image
+    alike, t ~ U[0, 1] (Sec. 2)."""
     t, eps = torch.rand(len(x), device=x.device), torch.randn_like(x)
     a, s = alpha_sigma(t)
-    return ((net(a * x + s * eps, t, y, images).float() - eps) ** 2).mean((1, 2, 3, 4))   # (B,)
+    v = a * eps - s * x
+    return ((net(a * x + s * eps, t, y, images).float() - v) ** 2).mean((1, 2, 3, 4))   # (B,)
 
 def guided(net, z, t, y, w=1.0):
-    """Classifier-free guidance eps~ = w eps(z, y) + (1 - w) eps(z, null), one batched call; w = 1 is conditional."""
+    """Classifier-free guidance v~ = w v(z, y) + (1 - w) v(z, null), one batched call; w = 1 is conditional."""
     if w == 1:
         return net(z, t, y).float()
-    eps_c, eps_u = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).float().chunk(2)
-    return eps_u + w * (eps_c - eps_u)
+    v_c, v_u = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).float().chunk(2)
+    return v_u + w * (v_c - v_u)
 
-def x0_hat(eps_fn, z, t, x_a=None, w_r=0.0):
-    """x_hat = (z_t - sigma_t eps_hat) / alpha_t, clipped to [-1, 1]. With w_r > 0, the frames after x^a's get
+def x0_hat(v_fn, z, t, x_a=None, w_r=0.0):
+    """x_hat = alpha_t z_t - sigma_t v_hat, clipped to [-1, 1]. With w_r > 0, the frames after x^a's get
     reconstruction guidance (Eq. 7): x~^b = x_hat^b - (w_r alpha_t / 2) grad_{z_t^b} ||x^a - x_hat^a(z_t)||^2."""
     a, s = alpha_sigma(t)
     with torch.enable_grad():                                             # the sampler runs under no_grad
         z = z.detach().requires_grad_(w_r > 0)
-        x0 = (z - s * eps_fn(z, t.expand(len(z)))) / a
+        x0 = a * z - s * v_fn(z, t.expand(len(z)))
         if w_r > 0:
             k = x_a.shape[2]                                              # x^a: the first k frames
             grad, = torch.autograd.grad(((x_a - x0[:, :, :k]) ** 2).sum(), z)   # samples are independent: sum
@@ -256,7 +261,7 @@ def posterior(z, x0, t, s):
     return a_s * (z * (1 - c) / a_t + c * x0), s_s ** 2 * c
 
 @torch.no_grad()
-def ancestral(eps_fn, noise, n, x_a=None, w_r=0.0, bar=False):
+def ancestral(v_fn, noise, n, x_a=None, w_r=0.0, bar=False):
     """t = 1 -> 0 in n ancestral steps (Sec. 2, gamma = 0). With x_a (B, C, k, H, W) the first k frames
     are conditioned on: z^a_t is replaced by a fresh sample of q(z_t | x^a) at every step (the replacement method,
     Sec. 3.1), and w_r > 0 adds reconstruction guidance (Eq. 7). Returns z_0 (B, C, F, H, W), x^a in front."""
@@ -265,7 +270,7 @@ def ancestral(eps_fn, noise, n, x_a=None, w_r=0.0, bar=False):
         if k:
             a, s = alpha_sigma(ts[i])
             z = torch.cat([a * x_a + s * torch.randn_like(x_a), z[:, :, k:]], 2)
-        x0 = x0_hat(eps_fn, z, ts[i], x_a, w_r)
+        x0 = x0_hat(v_fn, z, ts[i], x_a, w_r)
         mean, var = posterior(z, x0, ts[i], ts[i + 1])
         z = mean + var.sqrt() * torch.randn_like(z) if i < n - 1 else mean   # no noise at the last step
     return z if x_a is None else torch.cat([x_a, z[:, :, k:]], 2)
@@ -374,11 +379,11 @@ def sample(args, device, out, ckpt_path):
     y = torch.stack([k, (k + 1) % 10], 1)                                 # GIF column k: digits k and k + 1
     noise = torch.randn(len(y), 1, cfg.frames, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
     torch.manual_seed(args.seed)                                          # the noise of each step and block
-    eps = lambda z, t: guided(net, z, t, y[:, None].expand(-1, z.shape[2], -1), cfg.guidance)   # noqa: E731
+    v_fn = lambda z, t: guided(net, z, t, y[:, None].expand(-1, z.shape[2], -1), cfg.guidance)   # noqa: E731
     w_r = cfg.w_r if cfg.cond_method == "reconstruction" else 0.0         # w_r = 0: the replacement method
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        video = ancestral(eps, noise, cfg.sample_steps, bar=True)         # (B, 1, F, 32, 32)
-        video = extend(lambda z, x_a: ancestral(eps, z, cfg.sample_steps, x_a, w_r, bar=True), video,
+        video = ancestral(v_fn, noise, cfg.sample_steps, bar=True)        # (B, 1, F, 32, 32)
+        video = extend(lambda z, x_a: ancestral(v_fn, z, cfg.sample_steps, x_a, w_r, bar=True), video,
                        cfg.extend, cfg.cond_frames)                       # (B, 1, F + extend, 32, 32)
     videos = rearrange(video.float(), "b c f x y -> b f c x y")
     save_png(out / "samples.png", videos.flatten(0, 1), nrow=videos.shape[1])   # one clip per row
