@@ -150,3 +150,10 @@ def test_distill_from_edm_checkpoint(fake_data, tmp_path):
     assert all(torch.allclose(student["model"][k], teacher[k]) for k in teacher)   # starts from the teacher
     r = run(script, "--train", *tiny(fake_data, tmp_path / "x", "--distill", tmp_path / "cd" / "ckpt.pt"))
     assert r.returncode != 0 and "not of edm.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ict_k_prime_sets_the_doubling_period():
+    """--k-prime fixes K' (steps per doubling) whatever K is; 0 keeps the paper's K / (log2(1280 / 10) + 1)."""
+    short = cm.Config(ict=1, steps=2000, k_prime=750)
+    assert [cm.schedule(k, short, False)[0] for k in (0, 749, 750, 1500, 1999)] == [11, 11, 21, 41, 41]
+    assert [cm.schedule(k, cm.Config(ict=1, steps=6000), False)[0] for k in (0, 750, 1500)] == [11, 21, 41]
