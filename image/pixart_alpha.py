@@ -59,13 +59,13 @@ class Config:
     ema: float = 0.9999          # EMA decay per step (paper: 0.9999)
     sample_steps: int = 250      # respaced ancestral steps of the 1000 (official eval_sampling_steps: 250)
     num_samples: int = 100
-    guidance: float = 2.0        # classifier-free guidance scale on eps (official config: cfg_scale 4)
+    guidance: float = 4.0        # classifier-free guidance scale on eps (official config: cfg_scale 4)
     log_every: int = 100
     ckpt_every: int = 1000
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=96, depth=4, patch=4, text_steps=300, batch_size=64, steps=1200, lr=1e-3, ema=0.999, sample_steps=100),
+    "cpu": Config(hidden=96, depth=4, patch=4, text_steps=300, batch_size=64, steps=6000, lr=1e-3, ema=0.999, sample_steps=100),
     "tiny": Config(hidden=16, depth=1, patch=4, text_steps=2, batch_size=4, steps=2, sample_steps=2, num_samples=10,
                    log_every=1, ckpt_every=1),
 }
