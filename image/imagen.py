@@ -260,7 +260,7 @@ def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear
     for _ in range(steps):
         logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64,)), "random")).to(device))[2])
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(logits, y.to(device)).backward()
+        nn.functional.cross_entropy(logits, y.to(device)).backward()
         opt.step()
     return (logits.argmax(1).cpu() == y).float().mean().item()
 

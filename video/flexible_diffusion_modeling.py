@@ -29,7 +29,7 @@ Deviations from the paper:
   code. The frames of a task are ordered observed first (the code: by frame index); nothing depends on the order.
 - Diffusion as video_diffusion_models.py: continuous cosine log-SNR, ancestral sampling with the posterior variance
   and x_hat clipped to [-1, 1], 256 steps (the code: linear beta, 1000 steps, variance beta_t); v-prediction
-  (Salimans & Ho 2022; the code: eps): with eps our small CPU model sampled grey backgrounds.
+  (Salimans & Ho 2022; the code: eps): with eps, video_diffusion_models.py's CPU model sampled grey backgrounds.
 - Small widths, attention at <= 16x16 only (<= 8x8 on the CPU); gradient clipping 1; bf16 autocast on CUDA; lr 2e-4
   (the code: 1e-4, no clipping, fp16 optional).
 
@@ -228,8 +228,8 @@ def alpha_sigma(t):  # alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), as
     return (lam := log_snr(t.float()).reshape(-1, 1, 1, 1, 1)).sigmoid().sqrt(), (-lam).sigmoid().sqrt()
 
 def diffusion_loss(net, x, idx, obs, pad=None):
-    """|| v_theta(z_t, x0, t, idx, obs) - v ||^2, v = alpha_t eps - sigma_t x (v-prediction), over the latent frames
-    only (Sec. 4): observed frames are inputs, not targets; padding frames count as latent, as in the code.
+    """|| v_theta(z_t, x0, t, idx, obs) - v ||^2, v = alpha_t eps - sigma_t x (Salimans & Ho 2022 Sec. 4), over the
+    latent frames only (Sec. 4): observed frames are inputs, not targets; padding frames count as latent, as the code.
     t ~ U[0, 1], one t per task."""
     t, eps = torch.rand(len(x), device=x.device), torch.randn_like(x)
     a, s = alpha_sigma(t)
