@@ -147,3 +147,8 @@ def test_cli_interpolation_path_and_user_errors(fake_data, tmp_path):
         with pytest.raises(SystemExit) as e:
             mav.main(["--sample", *args, *flags])
         assert needle in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_fit_text_names_both_digits_of_a_prompt():
+    torch.manual_seed(0)   # "3 and 5": both digits must survive the frozen encoder's pooling (a one-digit fit kept 60%)
+    assert mav.fit_text(mav.TextEncoder(16), 300, "cpu") > 0.8

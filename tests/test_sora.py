@@ -215,3 +215,8 @@ def test_cli_durations_sizes_extension_and_user_errors(fake_data, tmp_path):
         with pytest.raises(SystemExit) as err:
             sora.main(["--sample", *args, *flags])
         assert needle in str(err.value.code) and "\n" not in str(err.value.code)
+
+
+def test_fit_text_names_both_digits_of_a_prompt():
+    torch.manual_seed(0)   # "3 and 5": both digits must survive the frozen encoder's pooling (a one-digit fit kept 60%)
+    assert sora.fit_text(sora.TextEncoder(16), 300, "cpu") > 0.8

@@ -95,7 +95,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, attn_res=8, clips=2000, text_steps=300, image_steps=1300, interp_steps=100,
+    "cpu": Config(ch=16, blocks=1, attn_res=8, clips=2000, text_steps=1000, image_steps=1300, interp_steps=100,
                   steps=1750, image_batch=48, batch_size=4, lr=1e-3, ema=0.995, sample_steps=64, num_samples=10,
                   log_every=50),
     "tiny": Config(ch=8, blocks=1, attn_res=8, frames=4, max_skip=2, clips=16, text_steps=2, image_steps=1,
@@ -366,15 +366,15 @@ def interpolate(sample_fn, keys, s, frames):
 def encode(encoder, texts, device):  # the frozen encoder's tokens and mask: no gradient reaches it
     return encoder(tokenize(texts).to(device))[:2]
 
-def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digit
-    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)
-    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # not --lr: fixed, no diffusion
-    for _ in range(steps):
-        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64,)), "random")).to(device))[2])
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(logits, y.to(device)).backward()
+def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digits
+    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)    # image/imagen.py's fit, for two-digit prompts: fitted on
+    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # one digit, "3 and 5" pooled kept both
+    for _ in range(steps):                                            # digits only 60% of the time at width 16 (100% here)
+        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64, 2)), "random")).to(device))[2])
+        opt.zero_grad(set_to_none=True)                               # multi-hot target: both digits named
+        nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits).scatter_(1, y.to(device), 1)).backward()
         opt.step()
-    return (logits.argmax(1).cpu() == y).float().mean().item()
+    return (logits.topk(2, 1).indices.cpu()[:, :, None] == y[:, None]).any(1).all(1).float().mean().item()   # both in top 2
 
 def phase(count, cfg):  # the training order (Sec. 3.4): images, then unlabelled video, then interpolation
     if count["image"] < cfg.image_steps:

@@ -104,7 +104,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=96, depth=4, heads=3, vae_steps=1200, vae_batch=16, text_steps=300, steps=4000, batch_size=16,
+    "cpu": Config(hidden=96, depth=4, heads=3, vae_steps=1200, vae_batch=16, text_steps=1000, steps=4000, batch_size=16,
                   lr=1e-3, ema=0.999, sample_steps=30, num_samples=10, ckpt_every=500),
     "tiny": Config(ae_ch=8, hidden=32, depth=1, heads=2, clip_frames=8, frames=8, clips=20, vae_steps=1, vae_batch=2,
                    text_steps=2, steps=2, batch_size=2, lr=1e-2, sample_steps=2, num_samples=2, log_every=1,
@@ -278,15 +278,15 @@ def extend(sample_fn, z, n, k):
     return z[:, :, :total]                                                # (B, C, T' + n, h, w)
 
 # --- train ---
-def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digit
-    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)
-    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # not --lr: fixed, no diffusion
-    for _ in range(steps):
-        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64,)), "random")).to(device))[2])
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(logits, y.to(device)).backward()
+def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digits
+    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)    # image/imagen.py's fit, for two-digit prompts: fitted on
+    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # one digit, "3 and 5" pooled kept both
+    for _ in range(steps):                                            # digits only 60% of the time at width 16 (100% here)
+        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64, 2)), "random")).to(device))[2])
+        opt.zero_grad(set_to_none=True)                               # multi-hot target: both digits named
+        nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits).scatter_(1, y.to(device), 1)).backward()
         opt.step()
-    return (logits.argmax(1).cpu() == y).float().mean().item()
+    return (logits.topk(2, 1).indices.cpu()[:, :, None] == y[:, None]).any(1).all(1).float().mean().item()   # both in top 2
 
 @torch.no_grad()
 def encode_text(text, texts, cache, device):
