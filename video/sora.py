@@ -27,7 +27,7 @@ Deviations from the paper (most of Sora is undisclosed; every choice below is an
 - Transformer: our DiT blocks over [text tokens; spacetime tokens] in one sequence (in-context text, as Flux's single
   stream blocks) plus the pooled text in the adaLN-Zero vector; QK-RMSNorm; 3D RoPE (axes time, row, col, as Flux's
   multi-axis RoPE) so any (T, H, W) works; spacetime patch 1 x p x p of the latent (Open-Sora: 1 x 2 x 2).
-- Text: a byte-level encoder fitted by a linear probe naming a digit, then frozen (as image/imagen.py; Sora: not
+- Text: a byte-level encoder fitted by a linear probe naming both digits, then frozen (as image/imagen.py; Sora: not
   disclosed). No re-captioning (DALL-E 3 style) and no prompt expansion: shared/ gives only the two digit labels, not
   the generator's directions, speeds and bounces, so captions are "3 and 5" / "three and five" / "a handwritten ...".
 - Variable durations by bucketing, not NaViT packing: one duration per batch, images (1/5 of batches), 4, 8 or 16
