@@ -165,3 +165,8 @@ def test_cli_base_choice_cascade_and_user_errors(fake_data, tmp_path, capsys):
     assert "distilled" not in said and "base 4 steps" in said and not np.array_equal(teacher, v)
     base, _, said = videos("--cascade", "base")
     assert "no SR" in said and np.array_equal(base[:, 0], base[:, 1])     # no TSR stage: frames repeated
+
+
+def test_fit_text_names_both_digits_of_a_prompt():
+    torch.manual_seed(0)   # "3 and 5": both digits must survive the frozen encoder's pooling (a one-digit fit kept 60%)
+    assert iv.fit_text(iv.TextEncoder(16), 300, "cpu") > 0.8

@@ -18,7 +18,7 @@ Time convention (as the paper): t = 0 is data, t = 1 is noise, z_t = alpha_t x +
 Deviations from the paper:
 - Three stages, not seven: base 8 frames at 16x16 (every 2nd frame of a 16-frame Moving MNIST clip, 2x2 means), TSR
   8 -> 16 frames at 16x16, SSR 16 -> 32 pixels at 16 frames (PAPERS.md's MNIST scale); small widths. Text:
-  imagen.py's byte-level transformer, fitted by a single-digit probe then frozen (stand-in for T5-XXL), pooled into
+  imagen.py's byte-level transformer, fitted by a probe naming both digits and frozen (stand-in for T5-XXL), pooled into
   the time embedding and cross-attended at <= 8x8 in every stage; null text "" with p 0.1; guidance written
   w v_c + (1 - w) v_u, one weight for all stages (no oscillating guidance).
 - Temporal attention at <= 8x8 only (as VDM's CPU preset), temporal convs (kernel 3) at every level; the SSR has no
@@ -87,7 +87,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, sr_ch=8, blocks=1, text_steps=300, window=4, steps=1200, batch_size=8, lr=1e-3,
+    "cpu": Config(ch=16, sr_ch=8, blocks=1, text_steps=1000, window=4, steps=1200, batch_size=8, lr=1e-3,
                   ema=0.995, sample_steps=64, num_samples=10, distill_from=64, distill_rounds=3, distill_steps=100),
     "tiny": Config(ch=8, sr_ch=8, blocks=1, text_steps=2, frames=4, window=2, image_frames=1, clips=16, steps=2,
                    batch_size=2, sample_steps=2, num_samples=2, distill_from=4, distill_rounds=1, distill_steps=2,
@@ -334,15 +334,15 @@ def distill_loss(student, teacher, x, n):
 def encode(encoder, texts, device):  # the frozen encoder's tokens and mask (Sec. 2.1): no gradient reaches it
     return encoder(tokenize(texts).to(device))[:2]
 
-def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digit
-    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)
-    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # not --lr: fixed, no diffusion
-    for _ in range(steps):
-        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64,)), "random")).to(device))[2])
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(logits, y.to(device)).backward()
+def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digits
+    probe = nn.Linear(encoder.tok.embedding_dim, 10).to(device)    # image/imagen.py's fit, for two-digit prompts: fitted on
+    opt = torch.optim.Adam([*encoder.parameters(), *probe.parameters()], lr=1e-3)   # one digit, "3 and 5" pooled kept both
+    for _ in range(steps):                                            # digits only 60% of the time at width 16 (100% here)
+        logits = probe(encoder(tokenize(prompts(y := torch.randint(10, (64, 2)), "random")).to(device))[2])
+        opt.zero_grad(set_to_none=True)                               # multi-hot target: both digits named
+        nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits).scatter_(1, y.to(device), 1)).backward()
         opt.step()
-    return (logits.argmax(1).cpu() == y).float().mean().item()
+    return (logits.topk(2, 1).indices.cpu()[:, :, None] == y[:, None]).any(1).all(1).float().mean().item()   # both in top 2
 
 def per_frame(text, f, k=0):  # (B, 1 + K, ...) -> (B (f + k), ...): a clip's text on its f frames, its K images' own
     return [torch.cat([c[:, :1].expand(-1, f, *c.shape[2:]), c[:, 1:1 + k]], 1).flatten(0, 1) for c in text]
