@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from conftest import ROOT, load_script, run, tiny
+from conftest import ROOT, load_script, run_here, tiny
 
 cm = load_script(ROOT / "image" / "consistency_models.py")
 edm = load_script(ROOT / "image" / "edm.py")
@@ -131,7 +131,7 @@ def test_multistep_sampler_levels_and_calls():
 def test_ict_target_is_online_after_update_and_ct_is_not(fake_data, tmp_path):
     for flags, same in ((("--ict", "1"), True), ((), False)):
         out = tmp_path / str(same)
-        assert run(ROOT / "image" / "consistency_models.py", "--train",
+        assert run_here(ROOT / "image" / "consistency_models.py", "--train",
                    *tiny(fake_data, out, *flags)).returncode == 0
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)
         equal = all(torch.equal(ckpt["model"][k], ckpt["target"][k]) for k in ckpt["model"])
@@ -140,15 +140,15 @@ def test_ict_target_is_online_after_update_and_ct_is_not(fake_data, tmp_path):
 
 def test_distill_from_edm_checkpoint(fake_data, tmp_path):
     script = ROOT / "image" / "consistency_models.py"
-    assert run(ROOT / "image" / "edm.py", "--train", *tiny(fake_data, tmp_path / "edm")).returncode == 0
-    r = run(script, "--train", "--sample", *tiny(fake_data, tmp_path / "cd", "--distill", tmp_path / "edm" / "ckpt.pt",
+    assert run_here(ROOT / "image" / "edm.py", "--train", *tiny(fake_data, tmp_path / "edm")).returncode == 0
+    r = run_here(script, "--train", "--sample", *tiny(fake_data, tmp_path / "cd", "--distill", tmp_path / "edm" / "ckpt.pt",
                                                   "--lr", "1e-30"))
     assert r.returncode == 0, r.stderr[-2000:]
     teacher = torch.load(tmp_path / "edm" / "ckpt.pt", weights_only=True)["ema"]
     student = torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)
     assert student["teacher"] == str(tmp_path / "edm" / "ckpt.pt")
     assert all(torch.allclose(student["model"][k], teacher[k]) for k in teacher)   # starts from the teacher
-    r = run(script, "--train", *tiny(fake_data, tmp_path / "x", "--distill", tmp_path / "cd" / "ckpt.pt"))
+    r = run_here(script, "--train", *tiny(fake_data, tmp_path / "x", "--distill", tmp_path / "cd" / "ckpt.pt"))
     assert r.returncode != 0 and "not of edm.py" in r.stderr and "Traceback" not in r.stderr
 
 

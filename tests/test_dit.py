@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run, tiny
+from conftest import ROOT, load_script, run_here, tiny
 
 dit = load_script(ROOT / "image" / "dit.py")
 S = dit.schedule(dit.BETAS)                                               # (T, 1, 1, 1) float32 each
@@ -215,7 +215,7 @@ def test_sampler_gaussian_oracle():
 
 def test_sampling_determinism_and_user_errors(fake_data, tmp_path):
     script = ROOT / "image" / "dit.py"
-    r = run(script, "--train", "--sample", *tiny(fake_data, tmp_path))
+    r = run_here(script, "--train", "--sample", *tiny(fake_data, tmp_path))
     assert r.returncode == 0 and "guidance 2.0" in r.stdout, r.stderr[-3000:]
     a = (tmp_path / "samples.npz").read_bytes()
     dit.main(["--sample", *map(str, tiny(fake_data, tmp_path))])

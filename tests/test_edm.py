@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run, tiny
+from conftest import ROOT, load_script, run_here, tiny
 
 edm = load_script(ROOT / "image" / "edm.py")
 S = edm.SIGMA_DATA
@@ -161,20 +161,20 @@ def test_guidance():
 
 def test_lr_warm_up_sampling_determinism_and_churn(fake_data, tmp_path):
     script = ROOT / "image" / "edm.py"
-    r = run(script, "--train", "--sample", *tiny(fake_data, tmp_path, "--lr-rampup", "8"))
+    r = run_here(script, "--train", "--sample", *tiny(fake_data, tmp_path, "--lr-rampup", "8"))
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert math.isclose(ckpt["opt"]["param_groups"][0]["lr"], 1e-3 * 4 / 8)   # step 2 saw 4 of 8 warm-up images
     a = (tmp_path / "samples.npz").read_bytes()
-    assert run(script, "--sample", *tiny(fake_data, tmp_path)).returncode == 0
+    assert run_here(script, "--sample", *tiny(fake_data, tmp_path)).returncode == 0
     assert (tmp_path / "samples.npz").read_bytes() == a                         # same seed, same samples
-    r = run(script, "--sample", *tiny(fake_data, tmp_path, "--s-churn", "10"))
+    r = run_here(script, "--sample", *tiny(fake_data, tmp_path, "--s-churn", "10"))
     assert r.returncode == 0 and "S_churn 10.0" in r.stdout, r.stderr[-3000:]
     assert (tmp_path / "samples.npz").read_bytes() != a
 
 
 def test_user_errors(fake_data, tmp_path):
-    assert run(ROOT / "image" / "edm.py", "--train", *tiny(fake_data, tmp_path)).returncode == 0
+    assert run_here(ROOT / "image" / "edm.py", "--train", *tiny(fake_data, tmp_path)).returncode == 0
     with pytest.raises(SystemExit) as e:
         edm.main(["--sample", "--out", str(tmp_path), "--device", "cpu", "--ch", "16"])
     assert "does not match" in str(e.value.code)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run, tiny
+from conftest import ROOT, load_script, run_here, tiny
 
 px = load_script(ROOT / "image" / "pixart_alpha.py")
 dit = load_script(ROOT / "image" / "dit.py")
@@ -220,7 +220,7 @@ def test_diffusion_is_dits_copy():
 def test_stages_init_from_and_prompts(fake_data, tmp_path, capsys):
     """dit.py checkpoint -> stage 1 (re-parameterised) -> stage 2 (--init-from stage 1) -> --prompt; and what is refused."""
     script = ROOT / "image" / "dit.py"
-    assert run(script, "--train", *tiny(fake_data, tmp_path / "dit")).returncode == 0
+    assert run_here(script, "--train", *tiny(fake_data, tmp_path / "dit")).returncode == 0
     base = [str(a) for a in tiny(fake_data, tmp_path)]
     px.main(["--train", "--sample", "--stage", "1", *base[:-1], str(tmp_path / "s1"), "--init-from", str(tmp_path / "dit" / "ckpt.pt")])
     s1 = torch.load(tmp_path / "s1" / "ckpt.pt", weights_only=True)

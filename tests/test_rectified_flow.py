@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run, tiny
+from conftest import ROOT, load_script, run_here, tiny
 
 rf = load_script(ROOT / "image" / "rectified_flow.py")
 
@@ -90,16 +90,16 @@ def test_unet_starts_at_zero_velocity_and_keeps_shape():
 
 
 def test_sampling_is_deterministic(fake_data, tmp_path):
-    assert run(ROOT / "image" / "rectified_flow.py", "--train", "--sample", *tiny(fake_data, tmp_path)).returncode == 0
+    assert run_here(ROOT / "image" / "rectified_flow.py", "--train", "--sample", *tiny(fake_data, tmp_path)).returncode == 0
     a = (tmp_path / "samples.npz").read_bytes()
-    assert run(ROOT / "image" / "rectified_flow.py", "--sample", *tiny(fake_data, tmp_path)).returncode == 0
+    assert run_here(ROOT / "image" / "rectified_flow.py", "--sample", *tiny(fake_data, tmp_path)).returncode == 0
     assert (tmp_path / "samples.npz").read_bytes() == a             # same seed, same z0: same samples
 
 
 def test_reflow_and_distill(fake_data, tmp_path):
     script = ROOT / "image" / "rectified_flow.py"
-    assert run(script, "--train", *tiny(fake_data, tmp_path / "rf1")).returncode == 0
-    r = run(script, "--reflow", tmp_path / "rf1" / "ckpt.pt", "--train", "--sample", *tiny(fake_data, tmp_path / "rf2"))
+    assert run_here(script, "--train", *tiny(fake_data, tmp_path / "rf1")).returncode == 0
+    r = run_here(script, "--reflow", tmp_path / "rf1" / "ckpt.pt", "--train", "--sample", *tiny(fake_data, tmp_path / "rf2"))
     assert r.returncode == 0, r.stderr[-3000:]
     student = torch.load(tmp_path / "rf2" / "ckpt.pt", weights_only=True)
     pairs = torch.load(tmp_path / "rf2" / "pairs.pt", weights_only=True)
@@ -107,7 +107,7 @@ def test_reflow_and_distill(fake_data, tmp_path):
     assert pairs["z0"].shape == pairs["z1"].shape == (8, 1, 32, 32) and pairs["y"].shape == (8,)
     assert pairs["key"].startswith(str(tmp_path / "rf1" / "ckpt.pt"))  # pairs are tied to their teacher
     assert (tmp_path / "rf2" / "reflow.png").exists() and "straightness" in r.stdout
-    r = run(script, "--reflow", tmp_path / "rf2" / "ckpt.pt", "--distill", "--train", *tiny(fake_data, tmp_path / "d"))
+    r = run_here(script, "--reflow", tmp_path / "rf2" / "ckpt.pt", "--distill", "--train", *tiny(fake_data, tmp_path / "d"))
     d = torch.load(tmp_path / "d" / "ckpt.pt", weights_only=True)
     assert r.returncode == 0 and d["k"] == 2 and d["distill"] and "distilled" in r.stdout
 
@@ -117,7 +117,7 @@ def test_reflow_and_distill(fake_data, tmp_path):
     (["--ch", "16"], "does not match"),
 ])
 def test_user_errors(fake_data, tmp_path, args, needle):
-    assert run(ROOT / "image" / "rectified_flow.py", "--train", *tiny(fake_data, tmp_path)).returncode == 0
+    assert run_here(ROOT / "image" / "rectified_flow.py", "--train", *tiny(fake_data, tmp_path)).returncode == 0
     with pytest.raises(SystemExit) as e:
         rf.main(["--sample", "--out", str(tmp_path), "--device", "cpu", *args])
     assert needle in str(e.value.code)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run, tiny
+from conftest import ROOT, load_script, run_here, tiny
 
 sd3 = load_script(ROOT / "image" / "sd3.py")
 dit = load_script(ROOT / "image" / "dit.py")                              # an independent DiT block to compare with
@@ -213,7 +213,7 @@ def test_prompt_dropout_and_random_styles(fake_data, tmp_path, monkeypatch):
 
 
 def test_sampling_determinism_prompt_flag_and_user_errors(fake_data, tmp_path):
-    r = run(ROOT / "image" / "sd3.py", "--train", "--sample", *tiny(fake_data, tmp_path))
+    r = run_here(ROOT / "image" / "sd3.py", "--train", "--sample", *tiny(fake_data, tmp_path))
     assert r.returncode == 0 and "guidance 2.0" in r.stdout, r.stderr[-3000:]
     with np.load(tmp_path / "samples.npz") as f:
         a = f["images"]
