@@ -95,8 +95,8 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, attn_res=8, clips=2000, text_steps=1000, image_steps=1300, interp_steps=100,
-                  steps=1750, image_batch=48, batch_size=4, lr=1e-3, ema=0.995, sample_steps=64, num_samples=10,
+    "cpu": Config(ch=16, blocks=1, attn_res=8, clips=2000, text_steps=1000, image_steps=3500, interp_steps=100,
+                  steps=4100, image_batch=48, batch_size=4, lr=1e-3, ema=0.995, sample_steps=64, num_samples=10,
                   log_every=50),
     "tiny": Config(ch=8, blocks=1, attn_res=8, frames=4, max_skip=2, clips=16, text_steps=2, image_steps=1,
                    interp_steps=0, steps=2, image_batch=4, batch_size=2, sample_steps=2, num_samples=2,
