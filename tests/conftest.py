@@ -64,12 +64,15 @@ def tiny(data, out, *extra):
 def run_here(script, *args):
     """As `run`, but main(args) in this process: no interpreter start-up (seconds a run on 2 cores). For tests of
     what a run writes and prints; Ctrl-C and the start-up path itself are tested with `run`."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code, message = io.StringIO(), io.StringIO(), 0, None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             load_script(script).main(list(map(str, args)))
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) or e.code is None else 1
             if not isinstance(e.code, int) and e.code is not None:
-                print(e.code, file=sys.stderr)                    # as the interpreter prints sys.exit("message")
-    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+                message = str(e.code)
+                print(message, file=sys.stderr)                   # as the interpreter prints sys.exit("message")
+    r = subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+    r.message = message                                           # sys.exit's message, None if it gave none
+    return r

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, load_script, run, script_id, tiny
+from conftest import ROOT, SCRIPTS, load_script, run, run_here, script_id, tiny
 
 pytestmark = pytest.mark.parametrize("script", SCRIPTS, ids=script_id)
 
@@ -36,12 +36,11 @@ def test_train_sample_outputs(script, fake_data, tmp_path):
 
 
 def in_process(script, *args):
-    """main(args) in this process (no interpreter start-up, ~3 s saved a run); the error line, or None."""
-    try:
-        load_script(script).main(list(map(str, args)))
-    except SystemExit as e:
-        assert e.code not in (0, None) and str(e.code).startswith("error: ") and "\n" not in str(e.code), e.code
-        return str(e.code)
+    """run_here: None if the run succeeds, else its one error line (exit code 1, "error: ...", no traceback)."""
+    r = run_here(script, *args)
+    failed_cleanly = r.returncode == 1 and r.message.startswith("error: ") and "\n" not in r.message
+    assert r.returncode == 0 or failed_cleanly, r.stderr[-2000:]
+    return r.message
 
 
 def test_resume_and_no_overwrite(script, fake_data, tmp_path):
