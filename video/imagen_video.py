@@ -277,8 +277,8 @@ def x0_hat(v_fn, z, t):  # x_hat = alpha_t z_t - sigma_t v_hat (v-parameterisati
     a, s = alpha_sigma(t)
     return (a * z - s * v_fn(z, t.expand(len(z)))).clamp(-1, 1)
 
-def augment(c, t_aug):  # the paper's idea: conditioning augmentation, c_aug = alpha(t_a) c + sigma(t_a) eps
-    t_aug = t_aug.reshape(-1, 1, 1, 1, 1) * math.pi / 2                   # t_a = 0: the clean c
+def augment(c, t_aug):  # the paper's idea (Sec. 2): conditioning augmentation, c_aug = alpha(t_a) c + sigma(t_a) eps
+    t_aug = t_aug.reshape(-1, 1, 1, 1, 1) * math.pi / 2                   # alpha = cos(pi t_a / 2) (ours); t_a = 0: c
     return t_aug.cos() * c + t_aug.sin() * torch.randn_like(c)
 
 def tsr_input(x, stride):  # (B, C, F, S, S) -> (B, C, stride F, S, S): each low-frame-rate frame repeated
@@ -299,7 +299,7 @@ def guided(net, z, t, text, null, w=1.0, **cond):  # same as image/imagen.py, on
     v_c = net(z, t, text, **cond).float()
     return v_c if w == 1 else w * v_c + (1 - w) * net(z, t, null, **cond).float()
 
-def ddim_step(z, x0, t, s):  # DDIM (eta 0) t -> s: z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t
+def ddim_step(z, x0, t, s):  # DDIM Eq. 12 (eta 0): z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat) / sigma_t
     (a_t, s_t), (a_s, s_s) = alpha_sigma(t), alpha_sigma(s)
     return a_s * x0 + s_s * (z - a_t * x0) / s_t
 

@@ -241,7 +241,7 @@ class Sora(nn.Module):  # stage 1 trains vae; text is fitted then frozen; stage 
 def rf_loss(dit, x0, cond, known):
     """|| v(z_t, t) - (eps - x0) ||^2 on the unknown latent frames (as image/sd3.py: z_t = (1 - t) x0 + t eps,
     logit-normal t); known frames stay clean x0 and are modulated with t = 0 (Open-Sora x_mask)."""
-    t = torch.sigmoid(torch.randn(len(x0), device=x0.device))
+    t = torch.sigmoid(torch.randn(len(x0), device=x0.device))          # logit-normal, m = 0, s = 1 (SD3 Sec. 3.1)
     eps, tt, k = torch.randn_like(x0), t.view(-1, 1, 1, 1, 1), known[:, None, :, None, None]
     v = dit(torch.where(k, x0, (1 - tt) * x0 + tt * eps), t, *cond, known)
     err = ((v.float() - (eps - x0)) ** 2).masked_fill(k, 0).sum((1, 2, 3, 4))
