@@ -66,8 +66,7 @@ class Config:
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(hidden=96, depth=4, patch=4, text_steps=300, batch_size=64, steps=6000, lr=1e-3, ema=0.999, sample_steps=100),
-    "tiny": Config(hidden=16, depth=1, patch=4, text_steps=2, batch_size=4, steps=2, sample_steps=2, num_samples=10,
-                   log_every=1, ckpt_every=1),
+    "tiny": Config(hidden=16, depth=1, patch=4, text_steps=2, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
 ZERO_OK, ARCH = ("p_uncond", "guidance", "ema"), ("hidden", "depth", "heads", "patch")  # others > 0; fixed by a checkpoint
 
@@ -138,8 +137,7 @@ class PixArt(nn.Module):  # (B, C, 32, 32), t, caption ids -> eps and v, (B, 2C,
         for m in (m for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.startswith("text.")):
             nn.init.zeros_(m.weight) if m in zero else nn.init.xavier_uniform_(m.weight)   # official initialize_weights
             nn.init.zeros_(m.bias)
-        for m in (*self.t_embed[::2], self.t_block[1]):
-            nn.init.normal_(m.weight, std=0.02)
+        for m in (*self.t_embed[::2], self.t_block[1]): nn.init.normal_(m.weight, std=0.02)   # noqa: E701
     def forward(self, x, t, y):                                           # x (B, C, 32, 32), t (B,), y (B, L) token ids
         y, mask = self.y_proj(self.text(y)[0]), y > 0                     # caption embedder on the tokens (no pooled text)
         h = self.x_embed(patchify(x, self.patch)) + self.pos             # (B, N, D), N = (32/p)^2
@@ -340,6 +338,8 @@ HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_
 
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
+    if unknown := set(base) - {f.name for f in fields(Config)}:
+        raise UserError(f"the checkpoint comes from another version of {NAME}.py: unknown config {sorted(unknown)}")
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     if fixed and (bad := [k for k in ARCH if k in given and given[k] != base[k]]):
         raise UserError(f"--{bad[0]} {given[bad[0]]} does not match the checkpoint's {base[bad[0]]}")

@@ -306,6 +306,8 @@ HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_
 
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
+    if unknown := set(base) - {f.name for f in fields(Config)}:
+        raise UserError(f"the checkpoint comes from another version of {NAME}.py: unknown config {sorted(unknown)}")
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     for key in ("depth", "head_dim", "patch"):
         if fixed and key in given and given[key] != base[key]:

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import imageio.v3 as iio
 import numpy as np
@@ -90,9 +91,12 @@ def test_bad_input_in_process(script, fake_data, tmp_path, capsys):
     module = load_script(script)
     torch.save({"script": "some_other_script", "model": {}}, tmp_path / "foreign.pt")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint" * 10)
+    future = {**asdict(module.PRESETS["tiny"]), "from_the_future": 1}   # a checkpoint of another version of the script
+    torch.save({"script": module.NAME, "config": future, "model": {}, "ema": {}, "step": 1}, tmp_path / "future.pt")
     cases = {
         ("--sample", "--ckpt", tmp_path / "foreign.pt"): "some_other_script",
         ("--sample", "--ckpt", tmp_path / "corrupt.pt"): "not a readable checkpoint",
+        ("--sample", "--ckpt", tmp_path / "future.pt"): "from_the_future",
         ("--sample",): "no checkpoint",
         ("--train", "--steps", "-3"): "--steps",
         ("--train", "--batch-size", "many"): "--batch-size",

@@ -89,9 +89,8 @@ PRESETS = {
     "gpu": Config(),
     "cpu": Config(ch=16, sr_ch=8, blocks=1, text_steps=1000, window=4, steps=1200, batch_size=8, lr=1e-3,
                   ema=0.995, sample_steps=64, num_samples=10, distill_from=64, distill_rounds=3, distill_steps=100),
-    "tiny": Config(ch=8, sr_ch=8, blocks=1, text_steps=2, frames=4, window=2, image_frames=1, clips=16, steps=2,
-                   batch_size=2, sample_steps=2, num_samples=2, distill_from=4, distill_rounds=1, distill_steps=2,
-                   log_every=1, ckpt_every=1),
+    "tiny": Config(ch=8, sr_ch=8, blocks=1, text_steps=2, frames=4, window=2, image_frames=1, clips=16, steps=2, batch_size=2,
+                   sample_steps=2, num_samples=2, distill_from=4, distill_rounds=1, distill_steps=2, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("image_frames", "p_uncond", "ema", "guidance", "aug_level", "distill_rounds")  # others must be > 0
 CHOICES, STAGES = {}, ("base", "tsr", "ssr")  # flags with a choice; the cascade
@@ -323,9 +322,8 @@ def distill_target(teacher, z, t, n):
 
 def distill_loss(student, teacher, x, n):
     """max(SNR, 1) || x~ - x_hat_student(z_t) ||^2 ("truncated SNR" weight), t = i / N (Alg. 2)."""
-    t = torch.randint(1, n + 1, (len(x),), device=x.device) / n
-    (a, s), eps = alpha_sigma(t), torch.randn_like(x)
-    z = a * x + s * eps
+    a, s = alpha_sigma(t := torch.randint(1, n + 1, (len(x),), device=x.device) / n)
+    z = a * x + s * torch.randn_like(x)                                   # z_t ~ q(z_t | x)
     x_hat = a * z - s * student(z, t).float()
     return ((a / s) ** 2).clamp(min=1).flatten() * ((x_hat - distill_target(teacher, z, t, n)) ** 2).mean((1, 2, 3, 4))
 
@@ -529,6 +527,8 @@ HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_
 
 def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
+    if unknown := set(base) - {f.name for f in fields(Config)}:
+        raise UserError(f"the checkpoint comes from another version of {NAME}.py: unknown config {sorted(unknown)}")
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     for key in ("ch", "sr_ch", "blocks", "frames", "stride"):
         if fixed and key in given and given[key] != base[key]:
