@@ -71,7 +71,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=64, depth=2, depth_single=3, heads=2, patch=4, batch_size=64, steps=3000, lr=1e-3, ema=0.999),
+    "cpu": Config(hidden=64, depth=2, depth_single=3, heads=2, patch=4, batch_size=64, steps=1500, lr=2e-3, ema=0.999),
     "tiny": Config(hidden=16, depth=1, depth_single=1, heads=2, patch=4, batch_size=4, steps=2, sample_steps=2,
                    num_samples=10, log_every=1, ckpt_every=1),
 }
