@@ -239,7 +239,7 @@ class Sora(nn.Module):  # stage 1 trains vae; text is fitted then frozen; stage 
 
 # --- diffusion ---
 def rf_loss(dit, x0, cond, known):
-    """|| v(z_t, t) - (eps - x0) ||^2 on the unknown latent frames (as image/sd3.py: z_t = (1 - t) x0 + t eps,
+    """|| v(z_t, t) - (eps - x0) ||^2 on the unknown latent frames (as image/sd3.py: z_t = (1 - t) x0 + t eps, SD3 Sec. 2;
     logit-normal t); known frames stay clean x0 and are modulated with t = 0 (Open-Sora x_mask)."""
     t = torch.sigmoid(torch.randn(len(x0), device=x0.device))          # logit-normal, m = 0, s = 1 (SD3 Sec. 3.1)
     eps, tt, k = torch.randn_like(x0), t.view(-1, 1, 1, 1, 1), known[:, None, :, None, None]

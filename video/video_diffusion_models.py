@@ -255,7 +255,7 @@ def x0_hat(v_fn, z, t, x_a=None, w_r=0.0):
     return x0.detach().clamp(-1, 1)
 
 def posterior(z, x0, t, s):
-    """q(z_s | z_t, x0), s < t: c = -expm1(lambda_t - lambda_s), mean alpha_s (z_t (1-c)/alpha_t + c x0), var sigma_s^2 c."""
+    """q(z_s | z_t, x0) (DDPM Eqs. 6-7), s < t: c = -expm1(lambda_t - lambda_s), mean alpha_s (z_t (1-c)/alpha_t + c x0), var sigma_s^2 c."""
     (a_t, _), (a_s, s_s) = alpha_sigma(t), alpha_sigma(s)
     c = -torch.expm1(log_snr(t) - log_snr(s))
     return a_s * (z * (1 - c) / a_t + c * x0), s_s ** 2 * c
