@@ -15,7 +15,7 @@ Deviations from the paper:
   it gives the context tokens and the pooled vector (masked mean). Padding is masked in the joint attention.
 - Guidance dropout: prompt -> "" with p = 0.1 (paper: each of 3 encoders dropped at 0.463, so all three at
   0.463^3 = 0.099, the same unconditional rate; our one encoder at 0.463 would waste half the batches).
-- Sizes: SD3's hidden = 64 depth, heads = depth as head_dim x depth: gpu 64 x 6, p = 2; cpu 24 x 4 (shrunk), p = 4.
+- Sizes: SD3's hidden = 64 depth, heads = depth as head_dim x depth: gpu 64 x 6, p = 2; cpu 32 x 3 (shrunk), p = 4.
 - One resolution: shift = 1, one fixed position grid (no crop from a larger grid); no mode / cosmap samplers.
 - Init: the released code is inference-only, with none; we use DiT's adaLN-Zero (MMDiT is made of DiT blocks).
 
@@ -64,7 +64,8 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(depth=4, head_dim=24, patch=4, batch_size=64, steps=3000, lr=1e-3, ema=0.999, sample_steps=28),
+    "cpu": Config(depth=3, head_dim=32, patch=4, batch_size=64, steps=1800, lr=2e-3, ema=0.999, sample_steps=28,
+                  guidance=3.0),
     "tiny": Config(depth=1, head_dim=16, patch=4, batch_size=4, steps=2, sample_steps=2, num_samples=10, lr=1e-2,
                    log_every=1, ckpt_every=1),  # lr: 2 steps move v off its zero init, so the GIF frames differ
 }
