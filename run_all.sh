@@ -52,12 +52,10 @@ for script in image/*.py video/*.py; do
   if [ "$mode" != quick ] && [ -f ../shared/tools/digit_score.py ] && [ -f "$scored/samples.npz" ]; then
     score=$("$py" ../shared/tools/digit_score.py "$scored/samples.npz" 2>/dev/null | tail -n 1)
   fi
-  image="$name/samples.png"
-  [ -f "$out/samples.png" ] || image="$name/samples.gif"
   echo "$script: $status, $((secs / 60))m$((secs % 60))s, ${steps:-?} steps $score"
   # one row per script, kept between runs: index.html gathers the latest row of every script
   echo "<tr><td>$script</td><td>$status</td><td>$((secs / 60))m$((secs % 60))s</td><td>${steps:-?}</td>\
-<td><code>$score</code></td><td>$(date -u '+%F %H:%M') UTC, $machine</td><td><img src=\"$image\" width=256></td></tr>" \
+<td><code>$score</code></td><td>$(date -u '+%F %H:%M') UTC, $machine</td><td><img src=\"$name/samples.png\" width=256></td></tr>" \
     > "$root/$name.row"
 done
 cat > "$root/index.html" <<HTML
