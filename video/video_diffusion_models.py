@@ -88,7 +88,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, attn_res=8, image_frames=4, steps=1200, batch_size=8, lr=1e-3, ema=0.995,
+    "cpu": Config(ch=16, blocks=1, attn_res=8, image_frames=4, steps=5000, batch_size=8, lr=1e-3, ema=0.995,
                   sample_steps=128, num_samples=10),
     "tiny": Config(ch=8, blocks=1, attn_res=8, frames=4, image_frames=2, clips=16, steps=2, batch_size=2,
                    sample_steps=2, num_samples=2, extend=2, cond_frames=2, log_every=1, ckpt_every=1),
