@@ -32,8 +32,9 @@ Deviations from the paper:
   ancestral sampler with the posterior variance (its gamma = 0), no predictor-corrector Langevin steps;
   x_hat clipped to [-1, 1]. No spatial super-resolution variant of Eq. 7, no frame-skip conditioning.
 - Small widths, attention at <= 16x16 only (<= 8x8 on the CPU); AdamW without weight decay, gradient clipping 1;
-  bf16 autocast on CUDA. The CPU preset samples at guidance 4 (gpu: 2): its small model keeps the asked digits
-  better with it (20 clips after 5000 steps: flips 0.56 and acc 0.49 at 4, 0.78 and 0.28 at 2). The paper's exact schedule and step counts are not given; 256 sampling steps.
+  bf16 autocast on CUDA. The paper's exact schedule and step counts are not given; 256 sampling steps.
+- The CPU preset samples at guidance 4 (gpu: 2): its small model keeps the asked digits better with it
+  (20 clips after 5000 steps: flips 0.56 and acc 0.49 at 4, 0.78 and 0.28 at 2).
 
 Usage:
   python video/video_diffusion_models.py --train --sample --data-dir ../shared/data
