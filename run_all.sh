@@ -26,6 +26,10 @@ if [ "${1:-}" = --only ]; then
   done
 fi
 py=${PYTHON:-python}
+# glibc hands every freed buffer over its threshold back to the OS; sampling (no autograd) frees each
+# activation right after use, so on a CPU it spent about half its time in the kernel remapping pages.
+# Keeping up to 1 GB makes CPU sampling about 2x faster (measured: VDM's 20 clips). Ignored off glibc.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
 root="runs/all-$mode"
 mkdir -p "$root"
 machine="$(nproc --all) CPU cores$(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/^/, /')"
