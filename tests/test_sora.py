@@ -31,19 +31,19 @@ def test_vae_latent_shape_images_and_sizes():
     vae = sora.VideoAE(8, 4).eval()
     with torch.no_grad():
         z = vae.encode(torch.randn(2, 1, 16, 32, 32))
-        assert z.shape == (2, 4, 4, 8, 8)                                 # x4 in time and space: 1x16x32x32 -> 4x4x8x8
+        assert z.shape == (2, 4, 8, 8, 8)                                 # x2 in time, x4 in space: 1x16x32x32 -> 4x8x8x8
         assert vae.decode(z).shape == (2, 1, 16, 32, 32)
         img = torch.randn(2, 1, 1, 32, 32)
         zi = vae.encode(img)
-        assert zi.shape == (2, 4, 1, 8, 8) and torch.equal(zi, vae.encode(img.expand(-1, -1, 4, -1, -1)))   # a still
+        assert zi.shape == (2, 4, 1, 8, 8) and torch.equal(zi, vae.encode(img.expand(-1, -1, 2, -1, -1)))   # a still
         assert vae.decode(zi, 1).shape == (2, 1, 1, 32, 32)
-        assert vae.encode(torch.randn(1, 1, 8, 32, 48)).shape == (1, 4, 2, 8, 12)
-        x = torch.randn(1, 1, 12, 32, 32)                                 # each latent frame codes its 4 frames alone
+        assert vae.encode(torch.randn(1, 1, 8, 32, 48)).shape == (1, 4, 4, 8, 12)
+        x = torch.randn(1, 1, 6, 32, 32)                                  # each latent frame codes its 2 frames alone
         x2 = x.clone()
-        x2[:, :, 4:8] = torch.randn(1, 1, 4, 32, 32)
+        x2[:, :, 2:4] = torch.randn(1, 1, 2, 32, 32)
         z, z2 = vae.encode(x), vae.encode(x2)
         assert torch.equal(z[:, :, [0, 2]], z2[:, :, [0, 2]]) and not torch.allclose(z[:, :, 1], z2[:, :, 1])
-        assert torch.allclose(vae.decode(z)[:, :, 4:8], vae.decode(z[:, :, 1:2]), atol=1e-6)
+        assert torch.allclose(vae.decode(z)[:, :, 2:4], vae.decode(z[:, :, 1:2]), atol=1e-6)
         vae.scale.fill_(4.0)                                              # the latent scale is undone by decode
         assert torch.allclose(vae.encode(img), 4 * zi) and torch.allclose(vae.decode(4 * zi), vae.decode.__self__.dec(zi))
     assert "scale" in vae.state_dict()                                    # travels with the checkpoint
@@ -209,7 +209,7 @@ def test_cli_durations_sizes_extension_and_user_errors(fake_data, tmp_path):
     assert e.shape == (3, 16, 1, 32, 32)
     a, labels, texts = videos("--animate", "1")                          # image prompting: new clips' digits
     assert a.shape == (3, 8, 1, 32, 32) and texts[0] == f"{labels[0, 0]} and {labels[0, 1]}"
-    for flags, needle in ((["--frames", "6"], "--frames"), (["--cond-frames", "8", "--extend", "4"], "--cond-frames"),
+    for flags, needle in ((["--frames", "5"], "--frames"), (["--cond-frames", "8", "--extend", "4"], "--cond-frames"),
                           (["--width", "36"], "--width"), (["--hidden", "64"], "does not match"),
                           (["--patch", "4"], "does not match"), (["--animate", "1", "--frames", "1"], "--animate")):
         with pytest.raises(SystemExit) as err:
