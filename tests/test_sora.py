@@ -215,6 +215,14 @@ def test_cli_durations_sizes_extension_and_user_errors(fake_data, tmp_path):
         with pytest.raises(SystemExit) as err:
             sora.main(["--sample", *args, *flags])
         assert needle in str(err.value.code) and "\n" not in str(err.value.code)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)          # a checkpoint of the x4-in-time version:
+    w = state["ema"]["vae.dec.4.weight"]                                  # its time upsampling kernel was 4, not 3
+    state["ema"]["vae.dec.4.weight"] = state["model"]["vae.dec.4.weight"] = w.new_zeros(*w.shape[:2], 4, *w.shape[3:])
+    torch.save(state, tmp_path / "old.pt")
+    for flags in (["--sample"], ["--train", "--resume", "--steps", "3"]):
+        with pytest.raises(SystemExit) as err:
+            sora.main([*flags, *args, "--ckpt", str(tmp_path / "old.pt")])
+        assert "another version" in str(err.value.code) and "\n" not in str(err.value.code)
 
 
 def test_fit_text_names_both_digits_of_a_prompt():

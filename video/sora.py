@@ -18,7 +18,7 @@ Deviations from the paper (most of Sora is undisclosed; every choice below is an
   Each latent frame codes its 2 frames on their own (chunks folded into the batch), so any T encodes as trained (a
   version with context across chunks, trained on 8 frames, reconstructed 16-frame clips twice as badly in the middle).
   8 latent channels (PAPERS' 4 x 4 x 8 x 8 has 4: 1000 CPU steps of that reconstructed held-out clips at MSE 0.097).
-  x2 in time, not PAPERS' x4: trained alike (3600 steps x 16 clips, lr 3e-3), x4 reconstructed 50 held-out clips at
+  x2 in time, not PAPERS' x4: trained alike (3600 steps x 16 windows, lr 3e-3), x4 reconstructed 50 held-out clips at
   MSE 0.018 (digit_score of the reconstructions: acc 0.58) and x2 at 0.011 (acc 0.69; the real clips: 0.78), and the
   same DiT trained 2800 steps on each latent drew samples at fd 323 (x4) and 239 (x2).
   An image is encoded as a still 2-frame clip (one latent frame) and decoded to its first frame (later video VAEs
@@ -351,7 +351,7 @@ def train(args, device, out, ckpt_path):
     opt = new_opt(max(step - 1, 0))                                        # the optimizer of the last step trained
     if state:
         for obj, key in ((net, "model"), (ema, "ema"), (opt, "opt")):
-            obj.load_state_dict(state[key])
+            load_weights(obj, state[key], ckpt_path)
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -435,11 +435,17 @@ def load_ckpt(path):
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {NAME}.py")
     return state
 
+def load_weights(module, weights, path):  # the compression network was x4 in time before 2026-11-27: other shapes
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{path} comes from another version of {NAME}.py (its weights do not fit): train it again") from None
+
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
     net = Sora(cfg).to(device).eval().requires_grad_(False)
-    net.load_state_dict(state["ema"])
+    load_weights(net, state["ema"], ckpt_path)
     k = torch.arange(cfg.num_samples) % 10
     y = torch.stack([k, (k + 1) % 10], 1)                                 # clip k: digits k and k + 1
     f, x_known, known = 1 if cfg.frames == 1 else cfg.frames // FPL, None, None   # latent frames
