@@ -40,6 +40,8 @@ def save_gif(path, frames, nrow=10, fps=10, hold=1.5, max_frames=60):
     keep = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int))
     pictures = np.stack([_grid(frames[i], nrow) for i in keep])[..., None].repeat(3, -1)  # RGB: Pillow misreads some gray GIFs
     durations = [1000 / fps] * (len(keep) - 1) + [1000 * hold]
+    if len(keep) == 1:  # Pillow takes a list of durations only for several frames
+        durations = durations[0]
     return _atomic(path, lambda p: iio.imwrite(p, pictures, extension=".gif", duration=durations, loop=0))
 
 

@@ -80,6 +80,8 @@ def test_writers(tmp_path):
     assert png.shape == (3 * 34 + 2, 4 * 34 + 2) and png.dtype == np.uint8
     gif = iio.imread(shared.save_gif(tmp_path / "a.gif", torch.stack([x, -x, x]), nrow=4), index=None)
     assert len(gif) == 3
+    one = iio.imread(shared.save_gif(tmp_path / "one.gif", x[None], nrow=4), index=None)   # a one-frame video
+    assert len(one) == 1
     shared.save_npz(tmp_path / "s.npz", images=x, labels=torch.arange(12), prompts=["a"] * 12)
     with np.load(tmp_path / "s.npz") as f:
         assert f["images"].dtype == np.uint8 and f["images"].min() == 0 and f["images"].max() == 255

@@ -468,7 +468,7 @@ def sample(args, device, out, ckpt_path):
         video = net.vae.decode(z.float(), cfg.frames if cfg.frames == 1 else None)   # (B, 1, F + extend, H, W)
     videos = rearrange(video.float(), "b c f x y -> b f c x y")
     save_png(out / "samples.png", videos.flatten(0, 1), nrow=videos.shape[1])   # one clip per row
-    save_gif(out / "samples.gif", videos.transpose(0, 1).repeat(1 + (videos.shape[1] == 1), 1, 1, 1, 1))   # (F, N, 1, H, W)
+    save_gif(out / "samples.gif", videos.transpose(0, 1))                 # (F, N, 1, H, W): the clips play
     save_npz(out / "samples.npz", videos=videos, labels=y, prompts=texts)
     more = f", extended by {cfg.extend} frames (known: the last {cfg.cond_frames})" if cfg.extend else ""
     more += ", animating the first frames of new clips" if cfg.animate else ""
