@@ -69,7 +69,12 @@ def test_ctrl_c_saves_checkpoint(script, fake_data, tmp_path):
     while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    try:
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once in CI (edm, 2026-12-05), not reproduced in 40 tries: show why
+        p.kill()
+        raise AssertionError("still running 120 s after Ctrl-C; its stderr ends:\n"
+                             + p.communicate()[1].replace("\r", "\n")[-3000:]) from None
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert 1 <= ckpt["step"] < 100000 and "--resume" in err
