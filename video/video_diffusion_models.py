@@ -33,10 +33,10 @@ Deviations from the paper:
   x_hat clipped to [-1, 1]. No spatial super-resolution variant of Eq. 7, no frame-skip conditioning.
 - Small widths, attention at <= 16x16 only (<= 8x8 on the CPU); AdamW without weight decay, gradient clipping 1;
   bf16 autocast on CUDA. The paper's exact schedule and step counts are not given; 256 sampling steps.
-- The CPU preset samples at guidance 4 (gpu: 2): its small model keeps the asked digits better with it
-  (20 clips after 5000 steps: flips 0.56 and acc 0.49 at 4, 0.78 and 0.28 at 2). It appends 28 images to each
-  of 4 clips (paper: 0, 4 or 8, finding that images "speed up optimization"): on 2 cores drawing the frames is
-  the bottleneck, and 3000 such steps (acc 0.48, flips 0.60) match 5000 of 8 clips + 4 images (0.45, 0.60).
+- The CPU preset samples at guidance 4 (gpu: 2): its small model keeps the asked digits better with it (the
+  previous preset, 20 clips after 5000 steps: flips 0.56 and acc 0.49 at 4, 0.78 and 0.28 at 2). It appends 28
+  images to each of 4 clips (paper: 0, 4 or 8, finding that images "speed up optimization"): on 2 cores drawing the
+  frames is the bottleneck, and 3000 such steps (acc 0.48, flips 0.60) match 5000 of 8 clips + 4 images (0.45, 0.60).
 
 Usage:
   python video/video_diffusion_models.py --train --sample --data-dir ../shared/data
