@@ -42,7 +42,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, mnist, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "dit"
 
@@ -256,7 +256,7 @@ def train(args, device, out, ckpt_path):
     net.train()
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
     try:
-        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x), (cfg.batch_size,), device=device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = dit_loss(fwd, sched, x[idx], y[idx])               # (B,)
@@ -273,7 +273,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)

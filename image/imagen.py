@@ -45,7 +45,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "imagen"
 
@@ -305,7 +305,7 @@ def train(args, device, out, ckpt_path):
 
     running, seen, clock, done = torch.zeros(2, device=device), 0, time.time(), step
     try:
-        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x), (cfg.batch_size,))
             texts = [s if r >= cfg.p_uncond else "" for s, r in zip(prompts(y[idx], "random"), torch.rand(len(idx)).tolist())]
             x32 = x[idx.to(device)]
@@ -329,7 +329,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, clock = torch.zeros(2, device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)

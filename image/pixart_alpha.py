@@ -39,7 +39,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "pixart_alpha"
 
@@ -280,7 +280,7 @@ def train(args, device, out, ckpt_path):
 
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
     try:
-        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x), (cfg.batch_size,))                # on the CPU, where the prompts are made
             texts = prompts(y[idx], "digit" if cfg.stage == 1 else "random")   # stage 1: class prompts "7" only
             ids = tokenize(["" if drop else s for s, drop in zip(texts, torch.rand(len(idx)) < cfg.p_uncond)]).to(device)
@@ -299,7 +299,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)

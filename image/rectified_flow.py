@@ -46,7 +46,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, mnist, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, mnist, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "rectified_flow"
 
@@ -268,7 +268,7 @@ def train(args, device, out, ckpt_path):
     net.train()
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
     try:
-        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x1), (cfg.batch_size,), device=device)
             z0 = x0[idx] if x0 is not None else torch.randn_like(x1[idx])  # reflow: the fixed pairs
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -287,7 +287,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)

@@ -71,7 +71,7 @@ def test_ctrl_c_saves_checkpoint(script, fake_data, tmp_path):
     p.send_signal(signal.SIGINT)
     try:
         _, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # seen once in CI (edm, 2026-12-05), not reproduced in 40 tries: show why
+    except subprocess.TimeoutExpired:  # seen once in CI (edm, 2026-12-05) before shared.between_steps: show why
         p.kill()
         raise AssertionError("still running 120 s after Ctrl-C; its stderr ends:\n"
                              + p.communicate()[1].replace("\r", "\n")[-3000:]) from None

@@ -1,5 +1,6 @@
 """shared/: data loading through the real code on fake IDX files, prompts, and the writers."""
 import os
+import signal
 
 import imageio.v3 as iio
 import numpy as np
@@ -88,3 +89,61 @@ def test_writers(tmp_path):
         assert f["labels"].dtype == np.int64 and f["prompts"][0] == "a"
     assert shared.to_uint8(torch.tensor([-5.0, 0.0, 5.0])).tolist() == [0, 128, 255]
     assert not list(tmp_path.glob(".*tmp*"))  # written through temp files, all renamed
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """SIGINT as a fresh `python` has it (Python's handler, not blocked), whatever the test process inherited."""
+    old, mask = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def test_ctrl_c_lands_between_steps(python_ctrl_c):
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        for step in shared.between_steps(range(10)):
+            if step == 3:
+                signal.raise_signal(signal.SIGINT)                      # Ctrl-C in the middle of step 3
+            finished.append(step)                                       # ... which still finishes
+    assert finished == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_finalizer_is_not_lost(python_ctrl_c):
+    class Dropped:  # Python prints and drops an exception raised in __del__: with its own handler training went on
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        for step in shared.between_steps(range(10)):
+            if step == 2:
+                Dropped()
+            finished.append(step)
+    assert finished == [0, 1, 2]
+
+
+def test_second_ctrl_c_stops_at_once_and_last_step_counts(python_ctrl_c):
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        for step in shared.between_steps(range(10)):
+            signal.raise_signal(signal.SIGINT)
+            finished.append(step)
+            signal.raise_signal(signal.SIGINT)                          # a second Ctrl-C raises here, at once
+            finished.append("not reached")
+    assert finished == [0]
+    with pytest.raises(KeyboardInterrupt):                              # during the last step: raised after it
+        for step in shared.between_steps(range(2)):
+            if step == 1:
+                signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ignored_ctrl_c_stays_ignored(python_ctrl_c):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)                        # e.g. a background job of a script
+    for step in shared.between_steps(range(3)):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

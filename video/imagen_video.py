@@ -54,7 +54,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, moving_mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, moving_mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "imagen_video"
 
@@ -408,7 +408,7 @@ def train(args, device, out, ckpt_path):
 
     running, seen, clock, done = torch.zeros(3, device=device), 0, time.time(), step
     try:
-        for done in tqdm(range(step, cfg.steps if stages else step), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps if stages else step), initial=step, total=cfg.steps, desc="train")):
             clip, images, texts = batch(videos, labels, cfg, cfg.p_uncond)
             todo = [s for s in stages if count[s] <= done]                # a stage ahead of the others waits
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -436,7 +436,7 @@ def train(args, device, out, ckpt_path):
             if count["base"] == 0:
                 raise UserError("the base stage is untrained: --train --stage base first")
             null, seen = encode(net["text"], [""], device), 0
-            for k in tqdm(range(count["distill"], total), initial=count["distill"], total=total, desc="distill"):
+            for k in between_steps(tqdm(range(count["distill"], total), initial=count["distill"], total=total, desc="distill")):
                 r, i = divmod(k, cfg.distill_steps)
                 n = cfg.distill_from // 2 ** (r + 1)                      # the student's steps this round
                 if i == 0:  # a new round: the teacher is the last EMA student (round 0: the EMA base)
@@ -465,7 +465,7 @@ def train(args, device, out, ckpt_path):
                     running, seen = torch.zeros(3, device=device), 0
                 if (k + 1) % cfg.ckpt_every == 0 or i + 1 == cfg.distill_steps:
                     save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)

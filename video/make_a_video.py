@@ -62,7 +62,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, moving_mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, moving_mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "make_a_video"
 
@@ -437,7 +437,7 @@ def train(args, device, out, ckpt_path):
 
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
     try:
-        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             now = phase(count, cfg)
             if count[now] == 0 and now == "video":                        # Sec. 3.2: inflate the trained image model
                 inflate(net["video"]), inflate(ema["video"])
@@ -477,7 +477,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, clock = torch.zeros((), device=device), 0, time.time()
             if done % cfg.ckpt_every == 0 or done == cfg.steps or phase(count, cfg) != now:
                 save(done)                                                # and at the end of each phase
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)

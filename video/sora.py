@@ -68,7 +68,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import UserError, log, moving_mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
+from shared import UserError, between_steps, log, moving_mnist, prompts, save_gif, save_npz, save_png  # noqa: E402
 
 NAME = "sora"
 
@@ -387,7 +387,7 @@ def train(args, device, out, ckpt_path):
     net.train()
     running, seen, clock, done, n, data, cache = torch.zeros((), device=device), 0, time.time(), step, 0, None, {}
     try:
-        for done in tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train"):
+        for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             if done < cfg.vae_steps:                                      # stage 1: the compression network
                 x = vae_batch(videos[:-held], cfg.vae_batch)
                 with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -417,7 +417,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, clock, n = torch.zeros((), device=device), 0, time.time(), 0
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                             # Ctrl-C, raised only between steps
         save(done)
         print(f"interrupted: step {done} saved to {ckpt_path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
