@@ -436,8 +436,8 @@ def main(argv=None):
             train(args, device, out, ckpt_path)
         if args.sample:
             sample(args, device, out, ckpt_path)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    except (UserError, KeyboardInterrupt) as e:                           # Ctrl-C outside the training steps: exit 130
+        sys.exit(f"error: {e}" if isinstance(e, UserError) else 130)
 
 if __name__ == "__main__":
     main()

@@ -121,3 +121,15 @@ def test_help_lists_the_contract(script, capsys):
     for flag in ("--train", "--sample", "--steps", "--batch-size", "--lr", "--sample-steps", "--num-samples",
                  "--device", "--out", "--data-dir", "--seed", "--resume", "--ckpt", "--compile", "--preset"):
         assert flag in text, flag
+
+
+def test_ctrl_c_outside_training_exits_130_quietly(script, fake_data, tmp_path, monkeypatch):
+    module = load_script(script)
+
+    def pressed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "sample", pressed)                     # Ctrl-C while sampling
+    with pytest.raises(SystemExit) as e:
+        module.main(list(map(str, ["--sample", *tiny(fake_data, tmp_path)])))
+    assert e.value.code == 130
