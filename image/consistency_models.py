@@ -239,12 +239,13 @@ def train(args, device, out, ckpt_path):
     teacher = teacher_path = args.distill or (state or {}).get("teacher")
     if teacher:  # CD: the EMA network of an image/edm.py checkpoint (its file, not its code), frozen
         t_state = load_ckpt(teacher_path, "edm")
-        teacher = UNet(t_state["config"]["ch"], t_state["config"]["blocks"]).to(device).eval().requires_grad_(False)
+        teacher = UNet(t_state["config"]["ch"], t_state["config"]["blocks"]).to(device, memory_format=torch.channels_last)
+        teacher.eval().requires_grad_(False)
         teacher.load_state_dict(t_state["ema"])
         base = {**base, "ch": t_state["config"]["ch"], "blocks": t_state["config"]["blocks"]}   # the teacher's shape
     cfg = make_config(args, base, fixed=bool(state or teacher))
     x, y = (a.to(device) for a in mnist(args.data_dir))
-    net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device)
+    net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
     if teacher:
         net.load_state_dict(teacher.state_dict())                         # CD starts from the teacher (official)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -316,7 +317,7 @@ def load_ckpt(path, script=NAME):
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
-    net = UNet(cfg.ch, cfg.blocks).to(device).eval()
+    net = UNet(cfg.ch, cfg.blocks).to(device, memory_format=torch.channels_last).eval()
     net.load_state_dict(state["ema"])
     y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
     z = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)

@@ -273,7 +273,7 @@ def train(args, device, out, ckpt_path):
     cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     x, y = mnist(args.data_dir)
     x = x.to(device)                                                      # labels stay on the CPU for the prompts
-    net, stages = cascade(cfg).to(device), STAGES if args.stage == "both" else (args.stage,)
+    net, stages = cascade(cfg).to(device, memory_format=torch.channels_last), STAGES if args.stage == "both" else (args.stage,)
     if not state:
         log(out / "log.txt", f"text encoder fitted: probe accuracy {fit_text(net['text'], cfg.text_steps, device):.2f}")
     net["text"].requires_grad_(False).eval().zero_grad()                  # frozen (Sec. 2.1), no grads of the fit
@@ -352,7 +352,7 @@ def sample(args, device, out, ckpt_path):
     cfg, count = make_config(args, state["config"]), state["stage_steps"]
     if untrained := [s for s in STAGES if count[s] == 0]:
         raise UserError(f"the {untrained[0]} stage of {ckpt_path} is untrained: --train --resume --stage {untrained[0]}")
-    net = cascade(cfg).to(device).eval()
+    net = cascade(cfg).to(device, memory_format=torch.channels_last).eval()
     net.load_state_dict(state["ema"])
     y = torch.arange(cfg.num_samples) % 10                               # column k of the grid is digit k
     texts = [args.prompt] * len(y) if args.prompt is not None else prompts(y, "sentence")

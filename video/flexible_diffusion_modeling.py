@@ -356,7 +356,7 @@ def train(args, device, out, ckpt_path):
     preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
     cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     videos = moving_mnist(args.data_dir, cfg.clips, cfg.train_length)[0].to(device)   # (N, T, 1, 32, 32): long clips
-    net = UNet(cfg.ch, cfg.blocks, cfg.attn_res).to(device)
+    net = UNet(cfg.ch, cfg.blocks, cfg.attn_res).to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     step = state["step"] if state else 0
@@ -425,7 +425,7 @@ def load_ckpt(path):
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
-    net = UNet(cfg.ch, cfg.blocks, cfg.attn_res).to(device).eval().requires_grad_(False)
+    net = UNet(cfg.ch, cfg.blocks, cfg.attn_res).to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     net.load_state_dict(state["ema"])
     stages = SCHEMES[cfg.scheme](cfg.length, cfg.max_frames, cfg.step)
     torch.manual_seed(args.seed)                                          # the noise of each step and stage

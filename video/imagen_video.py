@@ -371,7 +371,7 @@ def train(args, device, out, ckpt_path):
     preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
     cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     videos, labels = (a.to(device) for a in moving_mnist(args.data_dir, cfg.clips, cfg.frames))   # (N, F, 1, 32, 32)
-    net, stages = cascade(cfg).to(device), STAGES if args.stage == "all" else () if args.stage == "distill" else (args.stage,)
+    net, stages = cascade(cfg).to(device, memory_format=torch.channels_last), STAGES if args.stage == "all" else () if args.stage == "distill" else (args.stage,)
     if not state:
         log(out / "log.txt", f"text encoder fitted: probe accuracy {fit_text(net['text'], cfg.text_steps, device):.2f}")
     net["text"].requires_grad_(False).eval().zero_grad()                  # frozen (Sec. 2), no grads of the fit
@@ -493,7 +493,7 @@ def sample(args, device, out, ckpt_path):
     student = args.base == "student" or args.base == "auto" and rounds > 0
     if student and rounds == 0:
         raise UserError(f"{ckpt_path} has no distilled base: --train --resume --stage distill")
-    net = cascade(cfg).to(device).eval()
+    net = cascade(cfg).to(device, memory_format=torch.channels_last).eval()
     net.load_state_dict(state["ema"])
     k = torch.arange(cfg.num_samples) % 10
     y = torch.stack([k, (k + 1) % 10], 1)                                 # row k: digits k and k + 1

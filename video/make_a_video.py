@@ -402,7 +402,7 @@ def train(args, device, out, ckpt_path):
     cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     videos, labels = moving_mnist(args.data_dir, cfg.clips, (cfg.frames - 1) * cfg.max_skip + 1)   # (N, T, 1, 32, 32)
     videos = videos.to(device)                                            # labels stay on the CPU for the prompts
-    net = make_nets(cfg).to(device)
+    net = make_nets(cfg).to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
     if not state:
         log(out / "log.txt", f"text encoder fitted: probe accuracy {fit_text(net['text'], cfg.text_steps, device):.2f}")
     net["text"].requires_grad_(False).eval().zero_grad()                  # frozen, no grads of the fit
@@ -500,7 +500,7 @@ def sample(args, device, out, ckpt_path):
     cfg, count = make_config(args, state["config"]), state["stage_steps"]
     if cfg.interp and not count["interp"]:
         raise UserError(f"the interpolation network of {ckpt_path} is untrained: --train --resume with --interp-steps")
-    net = make_nets(cfg).to(device).eval().requires_grad_(False)
+    net = make_nets(cfg).to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     net.load_state_dict(state["ema"])
     k = torch.arange(cfg.num_samples) % 10
     y = torch.stack([k, (k + 1) % 10], 1)                                 # clip k: digits k and k + 1
