@@ -206,3 +206,16 @@ def test_cli_schemes_lengths_and_user_errors(fake_data, tmp_path):
         with pytest.raises(SystemExit) as e:
             fdm.main(["--sample", *args, *flags])
         assert needle in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_precision_uses_bf16_only_where_it_is_native(monkeypatch, fake_data, tmp_path):
+    """As video_diffusion_models.py: bf16 autocast on CUDA and on CPUs with native bf16, in NCHW there; float32 and
+    NHWC elsewhere. Both CPU paths train and sample."""
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        assert fdm.precision(torch.device("cpu")) == (native, torch.contiguous_format if native else torch.channels_last)
+        assert fdm.precision(torch.device("cuda")) == (True, torch.channels_last)
+        assert fdm.precision(torch.device("mps")) == (False, torch.channels_last)
+        fdm.main(["--train", "--sample", *map(str, tiny(fake_data, tmp_path / str(native)))])
+        with np.load(tmp_path / str(native) / "samples.npz") as f:
+            assert f["videos"].shape == (2, 8, 1, 32, 32)                # tiny: 2 videos of --length 8
