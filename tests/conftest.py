@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,3 +78,18 @@ def run_here(script, *args):
     r = subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
     r.message = message                                           # sys.exit's message, None if it gave none
     return r
+
+
+def precision_paths(script, monkeypatch, data, out):
+    """A script's precision(): bf16 autocast on CUDA and on CPUs with native bf16, in NCHW there; float32 and NHWC
+    elsewhere. Both CPU paths train and sample (tiny); returns their samples.npz arrays, float32 path first."""
+    videos = []
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        assert script.precision(torch.device("cpu")) == (native, torch.contiguous_format if native else torch.channels_last)
+        assert script.precision(torch.device("cuda")) == (True, torch.channels_last)
+        assert script.precision(torch.device("mps")) == (False, torch.channels_last)
+        script.main(["--train", "--sample", *map(str, tiny(data, out / str(native)))])
+        with np.load(out / str(native) / "samples.npz") as f:
+            videos.append(f["videos"])
+    return videos

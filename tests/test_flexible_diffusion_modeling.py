@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny
+from conftest import ROOT, load_script, precision_paths, tiny
 
 fdm = load_script(ROOT / "video" / "flexible_diffusion_modeling.py")
 
@@ -209,13 +209,5 @@ def test_cli_schemes_lengths_and_user_errors(fake_data, tmp_path):
 
 
 def test_precision_uses_bf16_only_where_it_is_native(monkeypatch, fake_data, tmp_path):
-    """As video_diffusion_models.py: bf16 autocast on CUDA and on CPUs with native bf16, in NCHW there; float32 and
-    NHWC elsewhere. Both CPU paths train and sample."""
-    for native in (False, True):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
-        assert fdm.precision(torch.device("cpu")) == (native, torch.contiguous_format if native else torch.channels_last)
-        assert fdm.precision(torch.device("cuda")) == (True, torch.channels_last)
-        assert fdm.precision(torch.device("mps")) == (False, torch.channels_last)
-        fdm.main(["--train", "--sample", *map(str, tiny(fake_data, tmp_path / str(native)))])
-        with np.load(tmp_path / str(native) / "samples.npz") as f:
-            assert f["videos"].shape == (2, 8, 1, 32, 32)                # tiny: 2 videos of --length 8
+    for videos in precision_paths(fdm, monkeypatch, fake_data, tmp_path):
+        assert videos.shape == (2, 8, 1, 32, 32)                          # tiny: 2 videos of --length 8

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny
+from conftest import ROOT, load_script, precision_paths, tiny
 
 vdm = load_script(ROOT / "video" / "video_diffusion_models.py")
 
@@ -204,16 +204,8 @@ def test_joint_batch_loss_and_classifier_free_guidance():
 
 
 def test_precision_uses_bf16_only_where_it_is_native(monkeypatch, fake_data, tmp_path):
-    """bf16 autocast on CUDA and on CPUs with native bf16, in NCHW there; float32 and NHWC elsewhere. Both CPU
-    paths train and sample."""
-    for native in (False, True):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
-        assert vdm.precision(torch.device("cpu")) == (native, torch.contiguous_format if native else torch.channels_last)
-        assert vdm.precision(torch.device("cuda")) == (True, torch.channels_last)
-        assert vdm.precision(torch.device("mps")) == (False, torch.channels_last)
-        vdm.main(["--train", "--sample", *map(str, tiny(fake_data, tmp_path / str(native)))])
-        with np.load(tmp_path / str(native) / "samples.npz") as f:
-            assert f["videos"].shape == (2, 6, 1, 32, 32)                # tiny: 4 frames + --extend 2
+    for videos in precision_paths(vdm, monkeypatch, fake_data, tmp_path):
+        assert videos.shape == (2, 6, 1, 32, 32)                          # tiny: 4 frames + --extend 2
     net, (z, t, y) = small_net(), clip(f=3)
     with torch.autocast("cpu", torch.bfloat16):                           # bf16 keeps the network's output
         low = net(z, t, y).float()

@@ -34,8 +34,8 @@ Deviations from the paper:
 - Small widths, attention at <= 16x16 only (<= 8x8 on the CPU); AdamW without weight decay, gradient clipping 1;
   bf16 autocast on CUDA and on CPUs with native bf16 (precision()). The paper's exact schedule and step counts are
   not given; 256 sampling steps.
-- The CPU preset samples at guidance 6 (gpu: 2): its small model keeps the asked digits better with it (80 clips of
-  its 3000-step model: flips 0.54, acc 0.47 at 6, 0.64 and 0.44 at 4; fd 148 against 137). It appends 28
+- The CPU preset samples at guidance 6 (gpu: 2): its small model keeps the asked digits better with it (its 3000-step
+  model, mean of two seeds of 40 clips: flips 0.54, acc 0.47 at 6, 0.64 and 0.44 at 4; fd 148 against 137). It appends 28
   images to each of 4 clips (paper: 0, 4 or 8, finding that images "speed up optimization"): on 2 cores drawing the
   frames is the bottleneck, and 3000 such steps (acc 0.48, flips 0.60) match 5000 of 8 clips + 4 images (0.45, 0.60).
 
@@ -425,9 +425,9 @@ def pick_device(name):
     return torch.device(name)
 
 def precision(device):
-    """bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16), where the CPU preset trains 1.3-1.5 times as
-    fast as in float32; channels_last (NHWC) convolutions, except in bf16 on a CPU, where oneDNN's NCHW ones are
-    faster (video_diffusion_models.py's step: 0.50 s, against 0.80 s in bf16 NHWC and 0.77 s in float32 NHWC)."""
+    """bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16), where the CPU preset trains 1.3 times as fast
+    as in float32; channels_last (NHWC) convolutions, except in bf16 on a CPU, where oneDNN's NCHW ones are faster
+    (video_diffusion_models.py's step: 0.49-0.57 s, against 0.78-0.87 s in bf16 NHWC, 0.75-0.78 s in float32 NHWC)."""
     bf16 = device.type == "cuda" or device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     return bf16, torch.contiguous_format if bf16 and device.type == "cpu" else torch.channels_last
 
