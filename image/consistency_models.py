@@ -14,10 +14,9 @@ noise (training, CT, Alg. 3), with N growing and mu -> 1 during training (App. C
 Time convention (EDM's): time is the noise level t in [eps, T] = [0.002, 80], x_t = x + t z, from T z to data.
 
 Deviations from the paper:
-- d is squared L2 (in the paper too) or iCT's pseudo-Huber: LPIPS needs pretrained VGG weights, which
-  cannot be downloaded here (the paper's best numbers use LPIPS).
-- Class-conditional (the paper's ImageNet setting). CD distils the teacher with classifier-free guidance
-  at --teacher-guidance (not in the paper), so the student draws guided digits in one call.
+- d is squared L2 (in the paper too) or iCT's pseudo-Huber, not LPIPS (the paper's best): it needs VGG weights.
+- Class-conditional (the paper's ImageNet setting) with classifier-free guidance (not in the paper): CD's teacher
+  is guided (--teacher-guidance); CT drops labels (--p-uncond) and samples f_u + w (f_c - f_u) (--guidance).
 - The U-Net of image/edm.py (paper: NCSN++/ADM) and its c_noise = ln(t)/4 (official: 250 ln t, its teacher's),
   so CD starts from the teacher's weights as official. K = 1.5-20k steps at batch 64-128 (paper: 800k, 512).
 - iCT (--ict 1) from its paper (no official code): mu = 0, pseudo-Huber, lambda = 1/(t_{n+1} - t_n),
@@ -65,6 +64,8 @@ class Config:
     teacher_guidance: float = 2.0  # CD: classifier-free guidance scale of the teacher (paper: none)
     ict: int = 0                 # 1: iCT's loss, weighting, index sampling and curriculum
     k_prime: int = 0             # iCT: steps between doublings of N (0: the paper's K' = K / (log2(s1 / s0) + 1))
+    p_uncond: float = 0.0        # CT: label dropout, to train the unconditional f_u for --guidance (paper: 0)
+    guidance: float = 1.0        # sampling: f_u + w (f_c - f_u); 1: f_c alone (paper: 1)
     sample_steps: int = 1        # network calls at sampling (paper: 1 and 2)
     last_sigma: float = 0.821    # multistep: the smallest tau (iCT's 2-step choice on CIFAR-10)
     num_samples: int = 100
@@ -73,10 +74,11 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, batch_size=64, steps=2000, lr=1e-3, ema_decay=0.995, s1=60, ict=1, k_prime=750),
+    "cpu": Config(ch=16, blocks=1, batch_size=64, steps=2000, lr=1e-3, ema_decay=0.995, s1=60, ict=1, k_prime=750,
+                  p_uncond=0.1, guidance=2.0),
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
-ZERO_OK = ("dropout", "ict", "k_prime", "teacher_guidance")  # others must be > 0
+ZERO_OK = ("dropout", "ict", "k_prime", "teacher_guidance", "p_uncond")  # others must be > 0
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -242,7 +244,7 @@ def train(args, device, out, ckpt_path):
         teacher = UNet(t_state["config"]["ch"], t_state["config"]["blocks"]).to(device, memory_format=torch.channels_last)
         teacher.eval().requires_grad_(False)
         teacher.load_state_dict(t_state["ema"])
-        base = {**base, "ch": t_state["config"]["ch"], "blocks": t_state["config"]["blocks"]}   # the teacher's shape
+        base = {**base, **{k: t_state["config"][k] for k in ("ch", "blocks")}, "p_uncond": 0.0, "guidance": 1.0}  # guided already
     cfg = make_config(args, base, fixed=bool(state or teacher))
     x, y = (a.to(device) for a in mnist(args.data_dir))
     net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
@@ -281,8 +283,9 @@ def train(args, device, out, ckpt_path):
         for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x), (cfg.batch_size,), device=device)
             n, mu = schedule(done, cfg, teacher is not None)
+            labels = torch.where(torch.rand(len(idx), device=device) < cfg.p_uncond, NULL, y[idx])   # CFG dropout
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = cm_loss(fwd, target, x[idx], y[idx], n, cfg, teacher)   # (B,)
+                loss = cm_loss(fwd, target, x[idx], labels, n, cfg, teacher)   # (B,)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()
             opt.step()
@@ -321,11 +324,10 @@ def sample(args, device, out, ckpt_path):
     net.load_state_dict(state["ema"])
     y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
     z = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    n = cfg.sample_steps                                                  # tau_1 = T > ... > tau_n = last_sigma
-    taus = (karras(n, cfg.last_sigma, T).flip(0) if n > 1 else torch.tensor([T])).to(device, torch.float32)
+    taus = karras(n := cfg.sample_steps, cfg.last_sigma if n > 1 else T, T).flip(0).to(device, torch.float32)  # T ... last
     torch.manual_seed(args.seed)                                          # the multistep noise
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        xs = multistep(lambda x, t: denoise(net, x, t, y), z, taus)
+        xs = multistep(lambda x, t: denoise(net, x, t, y, cfg.guidance), z, taus)
     save_png(out / "samples.png", xs[-1])
     save_gif(out / "samples.gif", xs)                                     # z, then f(.) after each call
     save_npz(out / "samples.npz", images=xs[-1], labels=y)

@@ -157,3 +157,38 @@ def test_ict_k_prime_sets_the_doubling_period():
     short = cm.Config(ict=1, steps=2000, k_prime=750)
     assert [cm.schedule(k, short, False)[0] for k in (0, 749, 750, 1500, 1999)] == [11, 11, 21, 41, 41]
     assert [cm.schedule(k, cm.Config(ict=1, steps=6000), False)[0] for k in (0, 750, 1500)] == [11, 21, 41]
+
+
+def test_ct_label_dropout_trains_the_no_label_row_for_guidance(fake_data, tmp_path):
+    """--p-uncond 1 trains only the 'no label' embedding (the unconditional f_u of --guidance); 0 never trains it.
+    Read from RAdam's first moment of the label table: a row that never had a gradient keeps it at zero."""
+    index = [name for name, _ in cm.UNet(8, 1).named_parameters()].index("label.weight")
+    for p in ("0", "1"):
+        out = tmp_path / p
+        r = run_here(ROOT / "image" / "consistency_models.py", "--train", "--sample",
+                     *tiny(fake_data, out, "--ict", "1", "--p-uncond", p, "--guidance", "2",
+                          "--steps", "3"))   # zero-init outputs: the label table gets gradients from step 3
+        assert r.returncode == 0, r.stderr[-2000:]
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        moved = ckpt["opt"]["state"][index]["exp_avg"].abs().sum(1) > 0   # (11,) rows that had a gradient
+        assert moved[cm.NULL] == (p == "1") and moved[:cm.NULL].any() == (p == "0")
+        assert ckpt["config"]["guidance"] == 2.0 and (out / "samples.npz").exists()
+
+
+def test_guided_f_is_conditional_at_w_1_and_extrapolates():
+    """f_u + w (f_c - f_u): w = 1 is f_c, w = 0 would be f_u, and f(x, eps) = x stays exact for any w (Eq. 5)."""
+    net, x, y, t = random_unet(), torch.randn(4, 1, 32, 32), torch.arange(4), torch.tensor(3.0)
+    f_c, f_u = cm.denoise(net, x, t, y), cm.denoise(net, x, t, torch.full_like(y, cm.NULL))
+    assert torch.allclose(cm.denoise(net, x, t, y, w=1.0 + 1e-7), f_c, atol=1e-5)
+    assert torch.allclose(cm.denoise(net, x, t, y, w=2.0), 2 * f_c - f_u, atol=1e-5)
+
+
+def test_distilled_student_samples_unguided_whatever_the_preset(fake_data, tmp_path):
+    """The CPU preset's CT guidance (2) is not applied again to a CD student: its teacher's guidance is distilled."""
+    script = ROOT / "image" / "consistency_models.py"
+    assert run_here(ROOT / "image" / "edm.py", "--train", *tiny(fake_data, tmp_path / "edm")).returncode == 0
+    r = run_here(script, "--train", "--preset", "cpu", "--steps", "1", "--batch-size", "2", "--data-dir", fake_data,
+                 "--out", tmp_path / "cd", "--distill", tmp_path / "edm" / "ckpt.pt")
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)["config"]
+    assert config["guidance"] == 1.0 and config["p_uncond"] == 0.0 and config["ch"] == 8
