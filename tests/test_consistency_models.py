@@ -176,10 +176,12 @@ def test_ct_label_dropout_trains_the_no_label_row_for_guidance(fake_data, tmp_pa
 
 
 def test_guided_f_is_conditional_at_w_1_and_extrapolates():
-    """f_u + w (f_c - f_u): w = 1 is f_c, w = 0 would be f_u, and f(x, eps) = x stays exact for any w (Eq. 5)."""
+    """f_u + w (f_c - f_u) in one batched call: w = 1 is f_c, w = 0 is f_u, w = 2 extrapolates past f_c.
+    (f(x, eps) = x for any w: test_boundary_condition_is_exact.)"""
     net, x, y, t = random_unet(), torch.randn(4, 1, 32, 32), torch.arange(4), torch.tensor(3.0)
     f_c, f_u = cm.denoise(net, x, t, y), cm.denoise(net, x, t, torch.full_like(y, cm.NULL))
-    assert torch.allclose(cm.denoise(net, x, t, y, w=1.0 + 1e-7), f_c, atol=1e-5)
+    assert torch.allclose(cm.denoise(net, x, t, y, w=1.0 + 1e-7), f_c, atol=1e-5)   # the guided path, at w ~ 1
+    assert torch.allclose(cm.denoise(net, x, t, y, w=0.0), f_u, atol=1e-5)
     assert torch.allclose(cm.denoise(net, x, t, y, w=2.0), 2 * f_c - f_u, atol=1e-5)
 
 
