@@ -83,7 +83,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, attn_res=8, max_frames=8, step=4, clips=2000, steps=1200, batch_size=8, lr=1e-3,
+    "cpu": Config(ch=16, blocks=1, attn_res=8, max_frames=8, step=4, clips=2000, steps=4800, batch_size=8, lr=1e-3,
                   ema=0.995, sample_steps=128),
     "tiny": Config(ch=8, blocks=1, attn_res=8, max_frames=4, train_length=8, clips=16, steps=2, batch_size=2,
                    sample_steps=2, num_samples=2, length=8, step=2, log_every=1, ckpt_every=1),
