@@ -20,8 +20,8 @@ Deviations from the paper:
 - The U-Net of image/edm.py (paper: NCSN++/ADM) and its c_noise = ln(t)/4 (official: 250 ln t, its teacher's),
   so CD starts from the teacher's weights as official. K = 1.5-20k steps at batch 64-128 (paper: 800k, 512).
 - iCT (--ict 1) from its paper (no official code): mu = 0, pseudo-Huber, lambda = 1/(t_{n+1} - t_n),
-  log-normal index sampling, N doubling from 10 to 1280. The CPU preset sets K' = 750 (--k-prime) and stops at
-  2000 steps (N = 41): the paper's K' = K/8 sends a short run to N = 1281 before the model can follow (measured).
+  log-normal index sampling, N doubling from 10 to 1280. The CPU preset sets K' = 1000 (--k-prime) and stops at
+  2000 steps (N = 21): the paper's K' = K/8 sends a short run to N = 1281 before the model can follow (measured).
 
 Usage:
   python image/consistency_models.py --train --sample --data-dir ../shared/data     # CT (--ict 1: iCT)
@@ -74,7 +74,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, batch_size=64, steps=2000, lr=1e-3, ema_decay=0.995, s1=60, ict=1, k_prime=750,
+    "cpu": Config(ch=16, blocks=1, batch_size=64, steps=2000, lr=1e-3, ema_decay=0.995, s1=60, ict=1, k_prime=1000,
                   p_uncond=0.1, guidance=2.0),
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
