@@ -324,7 +324,7 @@ def sample(args, device, out, ckpt_path):
     net.load_state_dict(state["ema"])
     y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
     z = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    taus = karras(n := cfg.sample_steps, cfg.last_sigma if n > 1 else T, T).flip(0).to(device, torch.float32)  # T ... last
+    taus = karras(n := cfg.sample_steps, cfg.last_sigma if n > 1 else T, T).flip(0).to(device, torch.float32)  # T > ... > last
     torch.manual_seed(args.seed)                                          # the multistep noise
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         xs = multistep(lambda x, t: denoise(net, x, t, y, cfg.guidance), z, taus)
