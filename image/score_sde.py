@@ -18,7 +18,10 @@ Deviations from the paper:
 - RK45 is our own Dormand-Prince in torch (no scipy), one step size for the whole batch as official; the first step
   is 1% of the interval (scipy estimates one) and a step after a rejection may grow (scipy: not).
 - Langevin on sub-VP uses VP's alpha_i (the official code has none for sub-VP and fails).
-- bf16 autocast for training on CUDA; samplers and likelihoods keep x in float64 (float32 on MPS), the net float32.
+- The CPU preset trains VP and samples with the Langevin corrector (the paper's PC sampling, Table 1), N = 500: after a
+  short run sub-VP with Euler-Maruyama alone draws more malformed digits (README).
+- bf16 autocast for training on CUDA and on CPUs with native bf16 (precision()); samplers and likelihoods keep x in
+  float64 (float32 on MPS), the net float32.
 
 Usage:
   python image/score_sde.py --train --sample --data-dir ../shared/data        # sub-VP, Euler-Maruyama
@@ -74,7 +77,8 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, blocks=1, dropout=0.0, batch_size=64, steps=2000, warmup=100),
+    "cpu": Config(ch=16, blocks=1, dropout=0.0, sde="vp", batch_size=64, steps=4000, warmup=100, corrector="langevin",
+                  sample_steps=500),
     "tiny": Config(ch=8, blocks=1, batch_size=4, steps=2, sample_steps=2, num_samples=10, bpd_digits=2, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("dropout", "warmup")  # others must be > 0; CHOICES: flags with a choice instead of a number
@@ -330,7 +334,8 @@ def train(args, device, out, ckpt_path):
     preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
     cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     x, sde = mnist(args.data_dir)[0].to(device), SDE(cfg.sde)
-    net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
+    amp, layout = precision(device)
+    net = UNet(cfg.ch, cfg.blocks, cfg.dropout).to(device, memory_format=layout)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     step = state["step"] if state else 0
@@ -361,7 +366,7 @@ def train(args, device, out, ckpt_path):
     try:
         for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x), (cfg.batch_size,), device=device)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 loss = sde_loss(score_fn(fwd, sde), sde, x[idx], cfg.weighting)   # (B,)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()                                        # the mean of per-image losses, as official
@@ -447,6 +452,13 @@ def pick_device(name):
     if not ok.get(name.split(":")[0]):
         raise UserError(f"--device {name}: not available here (cuda, mps or cpu)")
     return torch.device(name)
+
+def precision(device):
+    """bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16), where the CPU preset trains 1.3 times as fast
+    as in float32; channels_last (NHWC) convolutions, except in bf16 on a CPU, where oneDNN's NCHW ones are faster
+    (video_diffusion_models.py's step: 0.49-0.57 s, against 0.78-0.87 s in bf16 NHWC, 0.75-0.78 s in float32 NHWC)."""
+    bf16 = device.type == "cuda" or device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bf16, torch.contiguous_format if bf16 and device.type == "cpu" else torch.channels_last
 
 def number(kind, zero_ok):
     def parse(s):

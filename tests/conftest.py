@@ -91,5 +91,5 @@ def precision_paths(script, monkeypatch, data, out):
         assert script.precision(torch.device("mps")) == (False, torch.channels_last)
         script.main(["--train", "--sample", *map(str, tiny(data, out / str(native)))])
         with np.load(out / str(native) / "samples.npz") as f:
-            videos.append(f["videos"])
+            videos.append(f["videos"] if "videos" in f else f["images"])
     return videos

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny
+from conftest import ROOT, load_script, precision_paths, tiny
 
 ssde = load_script(ROOT / "image" / "score_sde.py")
 KINDS = ("vp", "subvp", "ve")
@@ -259,3 +259,18 @@ def test_cli_ve_ode_bpd_and_errors(fake_data, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             ssde.main([*flags, "--out", str(tmp_path), "--device", "cpu"])
         assert needle in str(e.value.code) and "\n" not in str(e.value.code), str(e.value.code)
+
+
+def test_precision_uses_bf16_only_where_it_is_native(monkeypatch, fake_data, tmp_path):
+    for images in precision_paths(ssde, monkeypatch, fake_data, tmp_path):
+        assert images.shape == (10, 1, 32, 32)                            # tiny: 10 samples, sampled in float32
+    torch.manual_seed(0)
+    net, sde, x = ssde.UNet(8, 1, 0.0), ssde.SDE("vp"), torch.rand(8, 1, 32, 32) * 2 - 1
+    torch.nn.init.normal_(net.out[-1].weight, std=0.1)                    # off its zero init
+    score = ssde.score_fn(net, sde)
+    torch.manual_seed(1)
+    full = ssde.sde_loss(score, sde, x).mean()
+    torch.manual_seed(1)                                                  # the same t and z
+    with torch.autocast("cpu", torch.bfloat16):                           # bf16 training keeps the loss
+        low = ssde.sde_loss(score, sde, x).mean()
+    assert abs(low.item() - full.item()) < 0.02 * full.item()
