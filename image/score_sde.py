@@ -18,13 +18,13 @@ Deviations from the paper:
 - RK45 is our own Dormand-Prince in torch (no scipy), one step size for the whole batch as official; the first step
   is 1% of the interval (scipy estimates one) and a step after a rejection may grow (scipy: not).
 - Langevin on sub-VP uses VP's alpha_i (the official code has none for sub-VP and fails).
-- The CPU preset trains VP and samples with the Langevin corrector (the paper's PC sampling, Table 1), N = 500: after a
-  short run sub-VP with Euler-Maruyama alone draws more malformed digits (README).
+- The CPU preset trains VP for 4000 steps and samples with the Langevin corrector (PC sampling, Sec. 4.2), N = 500:
+  the paper's sub-VP with Euler-Maruyama alone drew many malformed digits after 2000 steps (README).
 - bf16 autocast for training on CUDA and on CPUs with native bf16 (precision()); samplers and likelihoods keep x in
   float64 (float32 on MPS), the net float32.
 
 Usage:
-  python image/score_sde.py --train --sample --data-dir ../shared/data        # sub-VP, Euler-Maruyama
+  python image/score_sde.py --train --sample --data-dir ../shared/data        # sub-VP, Euler-Maruyama (CPU: VP + Langevin)
   python image/score_sde.py --sample --sampler ode                             # probability flow ODE, RK45
   python image/score_sde.py --bpd --data-dir ../shared/data                    # bits/dim of test digits
   python image/score_sde.py --train --sample --sde ve --out runs/score_sde_ve  # reverse diffusion + Langevin
