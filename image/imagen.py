@@ -73,8 +73,8 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=32, blocks=1, sr_ch=16, sr_blocks=1, text_steps=300, steps=2000, batch_size=64,
-                  lr=1e-3, ema=0.999, sample_steps=128, guidance=4.0),
+    "cpu": Config(ch=32, blocks=1, sr_ch=16, sr_blocks=1, text_steps=300, steps=1800, batch_size=64,
+                  lr=1e-3, ema=0.999, sample_steps=64, guidance=4.0),
     "tiny": Config(ch=8, blocks=1, sr_ch=8, sr_blocks=1, text_steps=2, batch_size=4, steps=2,
                    sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
 }
