@@ -19,7 +19,7 @@ Deviations from the paper:
 - Sizes: gpu 256 wide x 8 blocks, p=2 (DiT-S/2: 384 x 12); cpu 96 x 4, p=4 (64 tokens, for 2 CPU cores).
   Far fewer steps (paper: 400k at batch 256), higher lr (paper: 1e-4), EMA warm-up min(decay, (1+n)/(10+n)).
   Measured on CPU: eps on the linear schedule learns the global shape slowly (broken strokes at 7k steps, clean
-  digits at 12k, 36 min alone on 2 cores); sd3.py's rectified flow, same backbone, gets there in 3k.
+  digits at 12k, 26 min alone on 2 Xeon cores); sd3.py's rectified flow, same backbone, gets there in 3k.
 
 Usage:
   python image/dit.py --train --sample --data-dir ../shared/data
@@ -66,7 +66,8 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=96, depth=4, heads=4, patch=4, batch_size=64, steps=12000, lr=1e-3, ema=0.999, sample_steps=100),
+    "cpu": Config(hidden=96, depth=4, heads=4, patch=4, batch_size=64, steps=12000, lr=1e-3, ema=0.999, sample_steps=100,
+                  guidance=4.0),
     "tiny": Config(hidden=16, depth=1, heads=2, patch=4, batch_size=4, steps=2, sample_steps=2, num_samples=10,
                    log_every=1, ckpt_every=1),
 }
