@@ -87,7 +87,7 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, sr_ch=8, blocks=1, text_steps=1000, window=4, steps=1200, batch_size=8, lr=1e-3,
+    "cpu": Config(ch=16, sr_ch=16, blocks=1, text_steps=1000, window=4, steps=2000, batch_size=8, lr=1e-3,
                   ema=0.995, sample_steps=64, num_samples=10, distill_from=64, distill_rounds=3, distill_steps=100),
     "tiny": Config(ch=8, sr_ch=8, blocks=1, text_steps=2, frames=4, window=2, image_frames=1, clips=16, steps=2, batch_size=2,
                    sample_steps=2, num_samples=2, distill_from=4, distill_rounds=1, distill_steps=2, log_every=1, ckpt_every=1),
