@@ -152,7 +152,7 @@ def test_cli_base_choice_cascade_and_user_errors(fake_data, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             iv.main(["--train", *args, *flags])
         assert needle in str(e.value.code) and "\n" not in str(e.value.code)
-    iv.main(["--train", *args, "--lr", "0.02"])                           # tiny: one distillation round, 4 -> 2
+    iv.main(["--train", *args, "--lr", "0.02", "--ssr-steps", "3"])      # tiny: one distillation round, 4 -> 2
     capsys.readouterr()
 
     def videos(*flags):
@@ -161,6 +161,7 @@ def test_cli_base_choice_cascade_and_user_errors(fake_data, tmp_path, capsys):
             return f["videos"], f["labels"], capsys.readouterr().out
     v, labels, said = videos()
     assert v.shape == (2, 4, 1, 32, 32) and labels.tolist() == [[0, 1], [1, 2]] and "distilled base (1 rounds) 2" in said
+    assert "{'base': 2, 'tsr': 2, 'ssr': 3, 'distill': 2}" in said      # --steps 2 (tiny) for base and TSR, the SSR its own
     teacher, _, said = videos("--base", "teacher", "--sample-steps", "4")
     assert "distilled" not in said and "base 4 steps" in said and not np.array_equal(teacher, v)
     base, _, said = videos("--cascade", "base")

@@ -71,7 +71,8 @@ class Config:
     image_frames: int = 4        # independent images appended to base and SSR clips (joint training)
     clips: int = 10000           # Moving MNIST clips generated for training
     p_uncond: float = 0.1        # prompt -> "" for classifier-free guidance
-    steps: int = 20000           # training steps of each stage
+    steps: int = 20000           # training steps of the base and the TSR
+    ssr_steps: int = 0           # training steps of the SSR (0: --steps; the stage that needs most on the CPU)
     batch_size: int = 32         # clips per step
     lr: float = 2e-4             # Adam, also for distillation (paper: not given)
     ema: float = 0.9999          # EMA decay per step
@@ -87,12 +88,12 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(ch=16, sr_ch=16, blocks=1, text_steps=1000, window=4, steps=2000, batch_size=8, lr=1e-3,
+    "cpu": Config(ch=16, sr_ch=16, blocks=1, text_steps=1000, window=4, steps=1200, ssr_steps=3400, batch_size=8, lr=1e-3,
                   ema=0.995, sample_steps=64, num_samples=10, distill_from=64, distill_rounds=3, distill_steps=100),
     "tiny": Config(ch=8, sr_ch=8, blocks=1, text_steps=2, frames=4, window=2, image_frames=1, clips=16, steps=2, batch_size=2,
                    sample_steps=2, num_samples=2, distill_from=4, distill_rounds=1, distill_steps=2, log_every=1, ckpt_every=1),
 }
-ZERO_OK = ("image_frames", "p_uncond", "ema", "guidance", "aug_level", "distill_rounds")  # others must be > 0
+ZERO_OK = ("ssr_steps", "image_frames", "p_uncond", "ema", "guidance", "aug_level", "distill_rounds")  # others must be > 0
 CHOICES, STAGES = {}, ("base", "tsr", "ssr")  # flags with a choice; the cascade
 
 # --- model ---
@@ -368,8 +369,7 @@ def train(args, device, out, ckpt_path):
     if ckpt_path.exists() and not args.resume:
         raise UserError(f"{ckpt_path} exists: continue it with --resume, or pass another --out")
     state = load_ckpt(ckpt_path) if args.resume else None
-    preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
-    cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
+    cfg = make_config(args, state["config"] if state else asdict(PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")]), fixed=bool(state))
     videos, labels = (a.to(device) for a in moving_mnist(args.data_dir, cfg.clips, cfg.frames))   # (N, F, 1, 32, 32)
     net, stages = cascade(cfg).to(device, memory_format=torch.channels_last), STAGES if args.stage == "all" else () if args.stage == "distill" else (args.stage,)
     if not state:
@@ -379,7 +379,9 @@ def train(args, device, out, ckpt_path):
     opt = torch.optim.Adam([p for s in STAGES for p in net[s].parameters()], lr=cfg.lr, fused=device.type == "cuda")
     dopt = torch.optim.Adam(net["student"].parameters(), lr=cfg.lr)      # distillation's
     count = state["stage_steps"] if state else dict.fromkeys(STAGES + ("distill",), 0)   # steps trained of each stage
-    step = min((count[s] for s in stages), default=state["step"] if state else 0)
+    limit = dict(base=cfg.steps, tsr=cfg.steps, ssr=cfg.ssr_steps or cfg.steps)   # each stage's training steps
+    step = min((count[s] for s in stages if count[s] < limit[s]), default=state["step"] if state else 0)
+    end = max((limit[s] for s in stages if count[s] < limit[s]), default=step)
     if state:
         for obj, key in ((net, "model"), (ema, "ema"), (opt, "opt"), (dopt, "distill_opt")):
             obj.load_state_dict(state[key])
@@ -403,19 +405,18 @@ def train(args, device, out, ckpt_path):
         os.replace(tmp, ckpt_path)                                        # atomic: never a half-written file
 
     def update(stage, k):  # EMA with a warm-up, k steps into the stage
-        decay = min(cfg.ema, (1 + k) / (10 + k))
-        torch._foreach_lerp_(list(ema[stage].parameters()), list(net[stage].parameters()), 1 - decay)
+        torch._foreach_lerp_(list(ema[stage].parameters()), list(net[stage].parameters()), 1 - min(cfg.ema, (1 + k) / (10 + k)))
 
     running, seen, clock, done = torch.zeros(3, device=device), 0, time.time(), step
     try:
-        for done in between_steps(tqdm(range(step, cfg.steps if stages else step), initial=step, total=cfg.steps, desc="train")):
+        for done in between_steps(tqdm(range(step, end), initial=step, total=end, desc="train")):
             clip, images, texts = batch(videos, labels, cfg, cfg.p_uncond)
-            todo = [s for s in stages if count[s] <= done]                # a stage ahead of the others waits
+            todo = [s for s in stages if count[s] <= done < limit[s]]     # a stage ahead of the others waits
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 ctx, mask = (c.unflatten(0, (len(clip), -1)) for c in encode(net["text"], texts, device))
                 data = stage_data(clip, images, cfg.stride, cfg.window)
                 losses = [diffusion_loss(fwd[s], x, per_frame((ctx, mask), x.shape[2] - k, k), c, k).mean()
-                          if s in todo else clip.new_zeros(()) for s, (x, c, k) in data.items()]
+                          if s in todo else clip.new_zeros((), requires_grad=True) for s, (x, c, k) in data.items()]
             opt.zero_grad(set_to_none=True)
             sum(losses).backward()                                        # disjoint parameters: independent stages
             nn.utils.clip_grad_norm_([p for s in STAGES for p in net[s].parameters()], 1.0)
@@ -424,12 +425,12 @@ def train(args, device, out, ckpt_path):
                 update(s, count[s])
                 count[s] += 1
             running, seen, done = running + torch.stack(losses).detach(), seen + 1, done + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if done % cfg.log_every == 0 or done == end:
                 save(done, write=False)
-                loss = " ".join(f"{s} {v / seen:.4f}" for s, v in zip(STAGES, running.tolist()) if s in stages)
+                loss = " ".join(f"{s} {v / seen:.4f}" for s, v in zip(STAGES, running.tolist()) if s in todo)
                 log(out / "log.txt", f"step {done} loss {loss} clips/s {seen * cfg.batch_size / (time.time() - clock):.1f}")
                 running, seen, clock = torch.zeros(3, device=device), 0, time.time()
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if done % cfg.ckpt_every == 0 or done == end:
                 save(done)
         total = cfg.distill_rounds * cfg.distill_steps                    # progressive distillation of the base
         if args.stage in ("all", "distill") and count["distill"] < total:
@@ -495,8 +496,7 @@ def sample(args, device, out, ckpt_path):
         raise UserError(f"{ckpt_path} has no distilled base: --train --resume --stage distill")
     net = cascade(cfg).to(device, memory_format=torch.channels_last).eval()
     net.load_state_dict(state["ema"])
-    k = torch.arange(cfg.num_samples) % 10
-    y = torch.stack([k, (k + 1) % 10], 1)                                 # row k: digits k and k + 1
+    y = torch.stack([k := torch.arange(cfg.num_samples) % 10, (k + 1) % 10], 1)   # row k: digits k and k + 1
     texts, f0 = prompts(y, "digit"), cfg.frames // cfg.stride             # "3 and 4"
     text, null = ([c[:, None] for c in encode(net["text"], t, device)] for t in (texts, [""] * len(y)))
     g = torch.Generator().manual_seed(args.seed)
