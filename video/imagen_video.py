@@ -461,8 +461,7 @@ def train(args, device, out, ckpt_path):
                 running, seen, count["distill"] = running + loss.detach(), seen + 1, k + 1
                 if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.distill_steps:
                     save(done, write=False)
-                    log(out / "log.txt", f"distill step {k + 1} round {r + 1} ({2 * n} -> {n} steps) loss "
-                                         f"{running[0].item() / seen:.4f}")
+                    log(out / "log.txt", f"distill step {k + 1} round {r + 1} ({2 * n} -> {n} steps) loss {running[0].item() / seen:.4f}")
                     running, seen = torch.zeros(3, device=device), 0
                 if (k + 1) % cfg.ckpt_every == 0 or i + 1 == cfg.distill_steps:
                     save(done)
@@ -496,7 +495,8 @@ def sample(args, device, out, ckpt_path):
         raise UserError(f"{ckpt_path} has no distilled base: --train --resume --stage distill")
     net = cascade(cfg).to(device, memory_format=torch.channels_last).eval()
     net.load_state_dict(state["ema"])
-    y = torch.stack([k := torch.arange(cfg.num_samples) % 10, (k + 1) % 10], 1)   # row k: digits k and k + 1
+    k = torch.arange(cfg.num_samples) % 10
+    y = torch.stack([k, (k + 1) % 10], 1)                                 # clip k: digits k and k + 1
     texts, f0 = prompts(y, "digit"), cfg.frames // cfg.stride             # "3 and 4"
     text, null = ([c[:, None] for c in encode(net["text"], t, device)] for t in (texts, [""] * len(y)))
     g = torch.Generator().manual_seed(args.seed)
