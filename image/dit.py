@@ -2,25 +2,25 @@
 William Peebles, Saining Xie, 2022. https://arxiv.org/abs/2212.09748v2
 Official code: github.com/facebookresearch/DiT (models.py, diffusion/{gaussian_diffusion,respace}.py, sample.py).
 
-The idea: a plain Vision Transformer replaces the U-Net. The input is cut into p x p patches, one token
-each, with fixed 2-D sin-cos positions; the timestep and class embeddings, summed into c, enter each
-block through adaptive LayerNorm whose shift, scale and residual gate are regressed from c and start at
-zero (adaLN-Zero, Sec. 3.2, Fig. 3), so every block starts as the identity. Quality follows Gflops (Sec. 5.1):
-deeper, wider, or smaller patches. Diffusion as ADM: eps, learned Sigma, 250 respaced steps, guidance.
+The idea: a plain Vision Transformer replaces the U-Net of a latent diffusion model. The autoencoder's latent is
+cut into p x p patches, one token each, with fixed 2-D sin-cos positions; the timestep and class embeddings, summed
+into c, enter each block through adaptive LayerNorm whose shift, scale and residual gate are regressed from c and
+start at zero (adaLN-Zero, Sec. 3.2, Fig. 3), so every block starts as the identity. Quality follows Gflops (Sec.
+5.1): deeper, wider, or smaller patches. Diffusion as ADM: eps, learned Sigma, 250 respaced steps, guidance.
 
 Time convention (DDPM, official): discrete t = 0..999, x_t ~ N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
 alpha_bar_t = prod_{s<=t} (1 - beta_s): t = 0 is one small step from the data, t = 999 nearly pure noise.
 
 Deviations from the paper:
-- Pixel space, no VAE: 32x32x1 MNIST, 10 classes (paper: 32x32x4 SD-VAE latents of ImageNet); so the
-  sampler clips x0_hat to [-1, 1], as IDDPM/ADM do in pixel space. bf16 autocast on CUDA (paper: fp32).
-- Guidance on the eps channel only, v from the conditional half (official: channels [:3] of 8, a quirk;
-  with one image channel that slice would guide the variance too).
-- Sizes: gpu 256 wide x 8 blocks, p=2 (DiT-S/2: 384 x 12); cpu 96 x 4, p=4 (64 tokens, for 2 CPU cores).
+- Our own autoencoder, trained first (ae_steps) and then frozen: 1x32x32 MNIST -> 4x8x8 (x4 in space), MSE plus
+  a small latent L2, as video/sora.py's compression network in 2-D (paper: the pretrained SD KL-f8 VAE, 256x256x3 ImageNet
+  -> 4x32x32, not a dependency here); latents divided by their std (paper: x 0.18215). bf16 autocast on CUDA (paper: fp32).
+- Guidance on all z_ch eps channels, v from the conditional half (official: channels [:3] of 8, a quirk that leaves
+  the 4th latent channel unguided).
+- Sizes: gpu 256 wide x 8 blocks, p=1 (64 tokens; DiT-S/2: 384 x 12, 256 tokens); cpu 96 x 4, p=2 (16 tokens).
   Far fewer steps (paper: 400k at batch 256), higher lr (paper: 1e-4), EMA warm-up min(decay, (1+n)/(10+n)).
-  Measured on CPU: eps on the linear schedule learns the global shape slowly (broken strokes at 7k steps, clean
-  digits at 12k, 26 min alone on 2 Xeon cores); sd3.py's rectified flow on a similar transformer gets there in 1.8k
-  steps at lr 2e-3 (3k at 1e-3).
+  Measured on CPU: in pixel space (p=4, 64 tokens) this DiT needed 12k steps and 26 min for clean digits; on the
+  latent the steps are ~2.4x cheaper and learn as much each: 1.5k + 8k steps, 9 min (README).
 
 Usage:
   python image/dit.py --train --sample --data-dir ../shared/data
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
@@ -50,10 +51,14 @@ NAME = "dit"
 # --- config ---
 @dataclass
 class Config:
+    ae_ch: int = 32              # autoencoder width (paper: the pretrained SD VAE)
+    z_ch: int = 4                # latent channels: 1 x 32 x 32 -> z_ch x 8 x 8 (paper: 4, x8 in space)
+    ae_steps: int = 3000         # autoencoder steps of batch_size images, before the DiT trains
+    ae_lr: float = 3e-3          # the autoencoder's AdamW learning rate
     hidden: int = 256            # transformer width D (paper: DiT-S 384, DiT-XL 1152)
     depth: int = 8               # DiT blocks (paper: DiT-S 12, DiT-XL 28)
     heads: int = 4               # attention heads (paper: DiT-S 6, DiT-XL 16)
-    patch: int = 2               # patch size p: (32/p)^2 tokens (paper: 2, 4 or 8)
+    patch: int = 1               # patch size p of the 8 x 8 latent: (8/p)^2 tokens (paper: 2, 4 or 8 of 32 x 32)
     p_uncond: float = 0.1        # label dropout for classifier-free guidance (paper: 0.1)
     steps: int = 30000           # paper: 400k at batch 256 (7M for DiT-XL/2)
     batch_size: int = 128        # paper: 256
@@ -67,10 +72,10 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=96, depth=4, heads=4, patch=4, batch_size=64, steps=12000, lr=1e-3, ema=0.999, sample_steps=100,
-                  guidance=4.0),
-    "tiny": Config(hidden=16, depth=1, heads=2, patch=4, batch_size=4, steps=2, sample_steps=2, num_samples=10,
-                   log_every=1, ckpt_every=1),
+    "cpu": Config(ae_steps=1500, hidden=96, depth=4, heads=4, patch=2, batch_size=64, steps=8000, lr=1e-3, ema=0.999,
+                  sample_steps=100, guidance=4.0),
+    "tiny": Config(ae_ch=8, ae_steps=2, hidden=16, depth=1, heads=2, patch=2, batch_size=4, steps=2, sample_steps=2,
+                   num_samples=10, log_every=1, ckpt_every=1),
 }
 ZERO_OK = ("p_uncond", "guidance", "ema")  # others must be > 0
 
@@ -120,8 +125,8 @@ class FinalLayer(nn.Module):  # LayerNorm, adaLN shift and scale (no gate), a li
         shift, scale = self.ada(c)[:, None].chunk(2, -1)
         return self.linear(modulate(self.norm(x), shift, scale))          # (B, N, p*p*C_out)
 
-class DiT(nn.Module):  # class-conditional DiT (Fig. 3): (B, C, 32, 32) -> eps and v, (B, 2C, 32, 32); y = 10: no label
-    def __init__(self, hidden=256, depth=8, heads=4, patch=2, p_uncond=0.1, size=32, channels=1, classes=10):
+class DiT(nn.Module):  # class-conditional DiT (Fig. 3): latent (B, C, 8, 8) -> eps and v, (B, 2C, 8, 8); y = 10: no label
+    def __init__(self, hidden=256, depth=8, heads=4, patch=1, p_uncond=0.1, size=8, channels=4, classes=10):
         super().__init__()
         self.patch, self.grid, self.p_uncond = patch, size // patch, p_uncond
         self.x_embed = nn.Linear(patch * patch * channels, hidden)       # = official PatchEmbed, Conv2d(kernel=stride=p)
@@ -137,15 +142,31 @@ class DiT(nn.Module):  # class-conditional DiT (Fig. 3): (B, C, 32, 32) -> eps a
         for w in (self.y_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight):
             nn.init.normal_(w, std=0.02)
 
-    def forward(self, x, t, y, force_drop=None):                          # x (B, C, 32, 32), t (B,), y (B,)
+    def forward(self, x, t, y, force_drop=None):                          # x (B, C, 8, 8), t (B,), y (B,)
         if self.training or force_drop is not None:                       # label dropout (official LabelEmbedder)
             drop = torch.rand(len(y), device=y.device) < self.p_uncond if force_drop is None else force_drop == 1
             y = torch.where(drop, NULL, y)
-        h = self.x_embed(patchify(x, self.patch)) + self.pos             # (B, N, D), N = (32/p)^2
+        h = self.x_embed(patchify(x, self.patch)) + self.pos             # (B, N, D), N = (8/p)^2
         c = self.t_embed(timestep_embedding(t, 256)) + self.y_embed(y)    # (B, D)
         for block in self.blocks:
             h = block(h, c)                                               # (B, N, D)
-        return unpatchify(self.final(h, c), self.patch, self.grid)       # (B, 2C, 32, 32), zero at init
+        return unpatchify(self.final(h, c), self.patch, self.grid)       # (B, 2C, 8, 8), zero at init
+
+class Autoencoder(nn.Module):  # stand-in for SD's VAE: (B, 1, 32, 32) <-> (B, z_ch, 8, 8); same as video/sora.py's, in 2-D
+    def __init__(self, ch=32, z_ch=4):
+        super().__init__()
+        conv, act, up = (lambda a, b, s=1: nn.Conv2d(a, b, 3, s, 1)), nn.SiLU, (lambda a, b: nn.ConvTranspose2d(a, b, 4, 2, 1))
+        self.enc = nn.Sequential(conv(1, ch // 2), act(), conv(ch // 2, ch, 2), act(), conv(ch, ch), act(),
+                                 conv(ch, 2 * ch, 2), act(), conv(2 * ch, 2 * ch), act(), nn.Conv2d(2 * ch, z_ch, 1))
+        self.dec = nn.Sequential(conv(z_ch, 2 * ch), act(), conv(2 * ch, 2 * ch), act(), up(2 * ch, ch), act(),
+                                 conv(ch, ch), act(), up(ch, ch // 2), act(), conv(ch // 2, 1))
+        self.register_buffer("scale", torch.ones(()))                    # 1 / std of the latents (paper: 0.18215)
+
+    def encode(self, x):
+        return self.enc(x) * self.scale
+
+    def decode(self, z):
+        return self.dec(z / self.scale)
 
 # --- diffusion ---
 NULL, T, LAMBDA = 10, 1000, 1e-3   # the 'no label' class; diffusion steps; weight of L_vlb (IDDPM Eq. 16)
@@ -171,12 +192,12 @@ def schedule(betas, device=None):
 def q_sample(s, x0, t, eps):
     return s["alpha_bar"][t].sqrt() * x0 + (1 - s["alpha_bar"][t]).sqrt() * eps   # DDPM Eq. 4
 
-def p_mean_var(s, out, xt, t, clip=math.inf):
+def p_mean_var(s, out, xt, t):
     """p(x_{t-1} | x_t) from the output (eps, v): the posterior mean at x0_hat (DDPM Eqs. 7, 15) and the
     learned-range log variance f log beta_t + (1 - f) log beta_tilde_t, f = (v + 1)/2 (IDDPM Eq. 15, official)."""
     eps, v = out.chunk(2, 1)
     log_var = (v + 1) / 2 * s["log_beta"][t] + (1 - v) / 2 * s["log_beta_tilde"][t]
-    x0 = ((xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()).clamp(-clip, clip)
+    x0 = (xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()   # not clipped on latents (official)
     return s["coef_x0"][t] * x0 + s["coef_xt"][t] * xt, log_var, x0
 
 def vb_term(s, out, x0, xt, t):
@@ -202,7 +223,7 @@ def guided(net, x, t, y, w=1.0):
     if w == 1:
         return net(x, t, y).float()
     out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)])).float().chunk(2)
-    c = x.shape[1]                                                        # image channels: eps is out[:, :c]
+    c = x.shape[1]                                                        # latent channels: eps is out[:, :c]
     return torch.cat([out_u[:, :c] + w * (out_c[:, :c] - out_u[:, :c]), out_c[:, c:]], 1)
 
 @torch.no_grad()
@@ -213,13 +234,37 @@ def ddpm_sample(model, noise, n, frames=20, bar=False):
     s, x, traj = schedule(betas, noise.device), noise, []
     for i in tqdm(reversed(range(n)), total=n, desc="sample", leave=False, disable=not bar):
         t = torch.full((len(x),), i, device=x.device)
-        mean, log_var, x0 = p_mean_var(s, model(x, kept.to(x.device)[t]), x, t, clip=1.0)
+        mean, log_var, x0 = p_mean_var(s, model(x, kept.to(x.device)[t]), x, t)
         x = mean + (0.5 * log_var).exp() * torch.randn_like(x) if i > 0 else mean   # no noise at the last step
         if i % max(n // frames, 1) == 0:
             traj.append(x0)
-    return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 32, 32)
+    return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 8, 8)
 
 # --- train ---
+def train_autoencoder(ae, x, cfg, device, out):
+    """Trained before the diffusion model (paper: SD's VAE, trained elsewhere): MSE plus a small latent L2 on all but
+    the last 5% of the images, then frozen, its latents scaled to unit std; the held-out MSE goes to the log."""
+    opt, held = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0), max(1, len(x) // 20)
+    try:
+        for _ in between_steps(tqdm(range(cfg.ae_steps), desc="autoencoder")):
+            xb = x[torch.randint(len(x) - held, (cfg.batch_size,), device=device)]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                z = ae.enc(xb)
+                loss = F.mse_loss(ae.dec(z).float(), xb) + 1e-4 * z.float().pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    except KeyboardInterrupt:                                             # before any checkpoint: nothing to resume
+        print("interrupted while training the autoencoder: nothing saved yet", file=sys.stderr)
+        sys.exit(130)
+    ae.eval().requires_grad_(False)
+    with torch.no_grad():
+        ae.scale.fill_(1 / ae.enc(x[:2000]).std())
+        mse = F.mse_loss(ae.decode(ae.encode(x[-held:][:1000])), x[-held:][:1000]).item()
+    if not math.isfinite(mse):
+        raise UserError(f"the autoencoder's loss became {mse}: try a lower --ae-lr")
+    log(out / "log.txt", f"autoencoder: held-out reconstruction MSE {mse:.4f}, latent std 1/{ae.scale.item():.3f}")
+
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
     if ckpt_path.exists() and not args.resume:
@@ -228,20 +273,22 @@ def train(args, device, out, ckpt_path):
     preset = args.preset or ("cpu" if device.type == "cpu" else "gpu")
     cfg = make_config(args, state["config"] if state else asdict(PRESETS[preset]), fixed=bool(state))
     x, y = (a.to(device) for a in mnist(args.data_dir))
-    net = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, cfg.p_uncond).to(device)
+    ae = Autoencoder(cfg.ae_ch, cfg.z_ch).to(device)
+    net = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, cfg.p_uncond, channels=cfg.z_ch).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     sched = schedule(BETAS, device)
     step = state["step"] if state else 0
     if state:
-        for obj, key in ((net, "model"), (ema, "ema"), (opt, "opt")):
+        for obj, key in ((net, "model"), (ema, "ema"), (opt, "opt"), (ae, "ae")):
             obj.load_state_dict(state[key])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
     fwd = torch.compile(net) if args.compile else net
-    log(out / "log.txt", f"{NAME}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-                         f"{len(x)} training images, {device}, step {step}/{cfg.steps}, {cfg}")
+    log(out / "log.txt", f"{NAME}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters (autoencoder "
+                         f"{sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M), {len(x)} training images, {device}, "
+                         f"step {step}/{cfg.steps}, {cfg}")
 
     def save(done, write=True):  # a NaN/inf loss stops training before it can reach a checkpoint
         if not torch.isfinite(running):
@@ -251,17 +298,23 @@ def train(args, device, out, ckpt_path):
             return
         tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
         torch.save({"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
-                    "opt": opt.state_dict(), "step": done, "rng": torch.get_rng_state(),
+                    "opt": opt.state_dict(), "ae": ae.state_dict(), "step": done, "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None}, tmp)
         os.replace(tmp, ckpt_path)                                        # atomic: never a half-written file
 
-    net.train()
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
+    if not state:                                                         # the autoencoder first, then in every checkpoint
+        train_autoencoder(ae, x, cfg, device, out)
+        save(0)
+    with torch.no_grad():
+        z = torch.cat([ae.encode(b) for b in x.split(1000)])             # (N, z_ch, 8, 8), the DiT's data
+    net.train()
+    clock = time.time()                                                   # images/s of the DiT alone
     try:
         for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
             idx = torch.randint(len(x), (cfg.batch_size,), device=device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = dit_loss(fwd, sched, x[idx], y[idx])               # (B,)
+                loss = dit_loss(fwd, sched, z[idx], y[idx])               # (B,)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()                                        # mean over pixels and batch, as official
             opt.step()
@@ -296,13 +349,17 @@ def load_ckpt(path):
 def sample(args, device, out, ckpt_path):
     state = load_ckpt(ckpt_path)
     cfg = make_config(args, state["config"])
-    net = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch).to(device).eval()
-    net.load_state_dict(state["ema"])
+    net = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, channels=cfg.z_ch).to(device).eval()
+    ae = Autoencoder(cfg.ae_ch, cfg.z_ch).to(device).eval()
+    for module, key in ((net, "ema"), (ae, "ae")):
+        module.load_state_dict(state[key])
     y = torch.arange(cfg.num_samples, device=device) % 10                # column k of the grid is digit k
-    noise = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    noise = torch.randn(len(y), cfg.z_ch, 8, 8, generator=torch.Generator().manual_seed(args.seed)).to(device)
     torch.manual_seed(args.seed)                                          # the noise of each step
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        traj = ddpm_sample(lambda x, t: guided(net, x, t, y, cfg.guidance), noise, cfg.sample_steps, bar=True)
+        z = ddpm_sample(lambda x, t: guided(net, x, t, y, cfg.guidance), noise, cfg.sample_steps, bar=True)
+        with torch.no_grad():
+            traj = ae.decode(z.flatten(0, 1)).float().clamp(-1, 1).unflatten(0, z.shape[:2])   # (K, B, 1, 32, 32)
     save_png(out / "samples.png", traj[-1])
     save_gif(out / "samples.gif", traj)                                   # x0_hat every ~n/20 steps, then x_0
     save_npz(out / "samples.npz", images=traj[-1], labels=y)
@@ -316,13 +373,16 @@ def make_config(args, base, fixed=True):
     """A checkpoint's (fixed=True) or preset's config, overridden by the flags on the command line."""
     if unknown := set(base) - {f.name for f in fields(Config)}:
         raise UserError(f"the checkpoint comes from another version of {NAME}.py: unknown config {sorted(unknown)}")
+    if fixed and "z_ch" not in base:                                      # before 2026-12-07 dit.py ran in pixel space
+        raise UserError(f"the checkpoint comes from an older, pixel-space {NAME}.py: train a new one")
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    for key in ("hidden", "depth", "heads", "patch"):
+    for key in ("ae_ch", "z_ch", "hidden", "depth", "heads", "patch"):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
-    if 32 % cfg.patch or cfg.hidden % 4 or cfg.hidden % cfg.heads or not 2 <= cfg.sample_steps <= T:
-        raise UserError(f"need --patch dividing 32, --hidden divisible by 4 and --heads, 2 <= --sample-steps <= {T}")
+    if 8 % cfg.patch or cfg.hidden % 4 or cfg.hidden % cfg.heads or not 2 <= cfg.sample_steps <= T or cfg.ae_ch % 2:
+        raise UserError(f"need --patch dividing 8, --hidden divisible by 4 and --heads, 2 <= --sample-steps <= {T}, "
+                        "an even --ae-ch")
     return cfg
 
 def pick_device(name):

@@ -13,9 +13,10 @@ Deviations from the paper:
 - Text: a byte-level encoder (paper: T5-XXL), fitted first by a linear probe naming the prompt's digit (as imagen.py),
   then frozen as T5 is; null caption "" (official: a buffer). y_proj Xavier-initialised (official: std 0.02, with which
   a jointly trained encoder had taught the cross-attention no prompt after 2000 CPU steps: eps("zero") ~ eps("seven")).
-- No stage 3 (high resolution, aesthetics): MNIST has one size. Pixel space, no VAE: x0_hat clipped to [-1, 1]. Guidance
-  on eps only (official: [:3]). gpu 256 x 8 blocks, p=2; cpu 96 x 4, p=4 (paper: 1152 x 28, p=2). Fewer steps, higher
-  lr (paper: 2e-5), no lr warm-up, no grad clipping (paper: 0.01-1), EMA warm-up, bf16 on CUDA (paper: fp16).
+- No stage 3 (high resolution, aesthetics): MNIST has one size. dit.py's autoencoder (1x32x32 -> 4x8x8, taken from the
+  --init-from checkpoint, else trained first; paper: the pretrained SD VAE). Guidance on eps only (official: [:3]).
+  gpu 256 x 8 blocks, p=1; cpu 96 x 4, p=2 (paper: 1152 x 28, p=2 of 32x32 latents). Fewer steps, higher lr (paper:
+  2e-5), no lr warm-up, no grad clipping (paper: 0.01-1), EMA warm-up, bf16 on CUDA (paper: fp16).
 
 Usage:
   python image/pixart_alpha.py --train --sample --init-from runs/dit/ckpt.pt --data-dir ../shared/data   # from DiT
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
@@ -46,10 +48,14 @@ NAME = "pixart_alpha"
 # --- config ---
 @dataclass
 class Config:
+    ae_ch: int = 32              # autoencoder width, as dit.py's (paper: the pretrained SD VAE)
+    z_ch: int = 4                # latent channels: 1 x 32 x 32 -> z_ch x 8 x 8 (paper: 4, x8 in space)
+    ae_steps: int = 3000         # autoencoder steps of batch_size images first, if not --init-from
+    ae_lr: float = 3e-3          # its AdamW learning rate
     hidden: int = 256            # transformer width D, also of the text encoder (paper: PixArt-XL 1152)
     depth: int = 8               # PixArt blocks (paper: 28)
     heads: int = 4               # attention heads (paper: 16)
-    patch: int = 2               # patch size p: (32/p)^2 tokens (paper: 2)
+    patch: int = 1               # patch size p of the 8 x 8 latent: (8/p)^2 tokens (paper: 2 of 32 x 32)
     text_steps: int = 1000       # fit of the text encoder before it is frozen (stand-in for T5 pretraining)
     p_uncond: float = 0.1        # caption dropout to "", for classifier-free guidance (paper: 0.1, to y_embedding)
     stage: int = 2               # 1: class prompts "7"; 2: text-image alignment, prompts of random style (paper: 3 stages)
@@ -65,10 +71,12 @@ class Config:
 
 PRESETS = {
     "gpu": Config(),
-    "cpu": Config(hidden=96, depth=4, patch=4, text_steps=300, batch_size=64, steps=6000, lr=1e-3, ema=0.999, sample_steps=100),
-    "tiny": Config(hidden=16, depth=1, patch=4, text_steps=2, batch_size=4, steps=2, sample_steps=2, num_samples=10, log_every=1, ckpt_every=1),
+    "cpu": Config(ae_steps=1500, hidden=96, depth=4, patch=2, text_steps=300, batch_size=64, steps=6000, lr=1e-3, ema=0.999,
+                  sample_steps=100),
+    "tiny": Config(ae_ch=8, ae_steps=2, hidden=16, depth=1, patch=2, text_steps=2, batch_size=4, steps=2, sample_steps=2,
+                   num_samples=10, log_every=1, ckpt_every=1),
 }
-ZERO_OK, ARCH = ("p_uncond", "guidance", "ema"), ("hidden", "depth", "heads", "patch")  # others > 0; fixed by a checkpoint
+ZERO_OK, ARCH = ("p_uncond", "guidance", "ema"), ("ae_ch", "z_ch", "hidden", "depth", "heads", "patch")  # fixed by a checkpoint
 
 # --- model ---
 def timestep_embedding(t, dim, max_period=10000):
@@ -120,8 +128,8 @@ class PixArtBlock(nn.Module):  # the paper's idea (Sec. 2.3, Fig. 4): a DiT bloc
         x = x + self.cross(x, y, y, key_padding_mask=~mask, need_weights=False)[0]   # no norm, no gate (official)
         return x + gate2 * self.mlp(modulate(self.norm(x), shift2, scale2))
 
-class PixArt(nn.Module):  # (B, C, 32, 32), t, caption ids -> eps and v, (B, 2C, 32, 32); no class branch
-    def __init__(self, hidden=256, depth=8, heads=4, patch=2, size=32, channels=1):
+class PixArt(nn.Module):  # latent (B, C, 8, 8), t, caption ids -> eps and v, (B, 2C, 8, 8); no class branch
+    def __init__(self, hidden=256, depth=8, heads=4, patch=1, size=8, channels=4):
         super().__init__()
         self.patch, self.grid = patch, size // patch
         self.x_embed = nn.Linear(patch * patch * channels, hidden)       # = official PatchEmbed, Conv2d(kernel=stride=p)
@@ -138,16 +146,32 @@ class PixArt(nn.Module):  # (B, C, 32, 32), t, caption ids -> eps and v, (B, 2C,
             nn.init.zeros_(m.weight) if m in zero else nn.init.xavier_uniform_(m.weight)   # official initialize_weights
             nn.init.zeros_(m.bias)
         for m in (*self.t_embed[::2], self.t_block[1]): nn.init.normal_(m.weight, std=0.02)   # noqa: E701
-    def forward(self, x, t, y):                                           # x (B, C, 32, 32), t (B,), y (B, L) token ids
+    def forward(self, x, t, y):                                           # x (B, C, 8, 8), t (B,), y (B, L) token ids
         y, mask = self.y_proj(self.text(y)[0]), y > 0                     # caption embedder on the tokens (no pooled text)
-        h = self.x_embed(patchify(x, self.patch)) + self.pos             # (B, N, D), N = (32/p)^2
+        h = self.x_embed(patchify(x, self.patch)) + self.pos             # (B, N, D), N = (8/p)^2
         t = self.t_embed(timestep_embedding(t, 256))                      # (B, D)
         t0 = self.t_block(t)                                              # (B, 6D), computed once, shared by every block
         for block in self.blocks:
             h = block(h, y, mask, t0)                                     # (B, N, D)
         shift, scale = (self.final_table + t[:, None]).chunk(2, 1)       # final layer: its table + t (not t0), (B, 1, D)
         h = self.final(modulate(nn.functional.layer_norm(h, h.shape[-1:], eps=1e-6), shift, scale))   # (B, N, p*p*2C)
-        return unpatchify(h, self.patch, self.grid)                       # (B, 2C, 32, 32), zero at init
+        return unpatchify(h, self.patch, self.grid)                       # (B, 2C, 8, 8), zero at init
+
+class Autoencoder(nn.Module):  # stand-in for SD's VAE: (B, 1, 32, 32) <-> (B, z_ch, 8, 8); same as video/sora.py's, in 2-D
+    def __init__(self, ch=32, z_ch=4):
+        super().__init__()
+        conv, act, up = (lambda a, b, s=1: nn.Conv2d(a, b, 3, s, 1)), nn.SiLU, (lambda a, b: nn.ConvTranspose2d(a, b, 4, 2, 1))
+        self.enc = nn.Sequential(conv(1, ch // 2), act(), conv(ch // 2, ch, 2), act(), conv(ch, ch), act(),
+                                 conv(ch, 2 * ch, 2), act(), conv(2 * ch, 2 * ch), act(), nn.Conv2d(2 * ch, z_ch, 1))
+        self.dec = nn.Sequential(conv(z_ch, 2 * ch), act(), conv(2 * ch, 2 * ch), act(), up(2 * ch, ch), act(),
+                                 conv(ch, ch), act(), up(ch, ch // 2), act(), conv(ch // 2, 1))
+        self.register_buffer("scale", torch.ones(()))                    # 1 / std of the latents (paper: 0.18215)
+
+    def encode(self, x):
+        return self.enc(x) * self.scale
+
+    def decode(self, z):
+        return self.dec(z / self.scale)
 
 @torch.no_grad()
 def from_dit(net, dit, t=500):  # re-parameterisation (Sec. 2.3) from a dit.py state dict; t_block, cross-attn keep init
@@ -184,11 +208,11 @@ def schedule(betas, device=None):
 def q_sample(s, x0, t, eps):
     return s["alpha_bar"][t].sqrt() * x0 + (1 - s["alpha_bar"][t]).sqrt() * eps   # DDPM Eq. 4
 
-def p_mean_var(s, out, xt, t, clip=math.inf):
+def p_mean_var(s, out, xt, t):
     """Posterior mean at x0_hat (DDPM Eqs. 7, 15), learned-range log variance f log beta + (1 - f) log beta_tilde (IDDPM Eq. 15)."""
     eps, v = out.chunk(2, 1)
     log_var = (v + 1) / 2 * s["log_beta"][t] + (1 - v) / 2 * s["log_beta_tilde"][t]
-    x0 = ((xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()).clamp(-clip, clip)
+    x0 = (xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()   # not clipped on latents (official)
     return s["coef_x0"][t] * x0 + s["coef_xt"][t] * xt, log_var, x0
 
 def vb_term(s, out, x0, xt, t):
@@ -223,11 +247,11 @@ def ddpm_sample(model, noise, n, frames=20, bar=False):
     s, x, traj = schedule(betas, noise.device), noise, []
     for i in tqdm(reversed(range(n)), total=n, desc="sample", leave=False, disable=not bar):
         t = torch.full((len(x),), i, device=x.device)
-        mean, log_var, x0 = p_mean_var(s, model(x, kept.to(x.device)[t]), x, t, clip=1.0)
+        mean, log_var, x0 = p_mean_var(s, model(x, kept.to(x.device)[t]), x, t)
         x = mean + (0.5 * log_var).exp() * torch.randn_like(x) if i > 0 else mean   # no noise at the last step
         if i % max(n // frames, 1) == 0:
             traj.append(x0)
-    return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 32, 32)
+    return torch.stack(traj + [x])                                        # (~frames + 1, B, C, 8, 8)
 
 # --- train ---
 def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear probe on the pooled text names the digit
@@ -240,6 +264,30 @@ def fit_text(encoder, steps, device):  # a stand-in for T5 pretraining: a linear
         opt.step()
     return (logits.argmax(1).cpu() == y).float().mean().item()
 
+def train_autoencoder(ae, x, cfg, device, out):
+    """Trained before the diffusion model (paper: SD's VAE, trained elsewhere): MSE plus a small latent L2 on all but
+    the last 5% of the images, then frozen, its latents scaled to unit std; the held-out MSE goes to the log."""
+    opt, held = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0), max(1, len(x) // 20)
+    try:
+        for _ in between_steps(tqdm(range(cfg.ae_steps), desc="autoencoder")):
+            xb = x[torch.randint(len(x) - held, (cfg.batch_size,), device=device)]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                z = ae.enc(xb)
+                loss = F.mse_loss(ae.dec(z).float(), xb) + 1e-4 * z.float().pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    except KeyboardInterrupt:                                             # before any checkpoint: nothing to resume
+        print("interrupted while training the autoencoder: nothing saved yet", file=sys.stderr)
+        sys.exit(130)
+    ae.eval().requires_grad_(False)
+    with torch.no_grad():
+        ae.scale.fill_(1 / ae.enc(x[:2000]).std())
+        mse = F.mse_loss(ae.decode(ae.encode(x[-held:][:1000])), x[-held:][:1000]).item()
+    if not math.isfinite(mse):
+        raise UserError(f"the autoencoder's loss became {mse}: try a lower --ae-lr")
+    log(out / "log.txt", f"autoencoder: held-out reconstruction MSE {mse:.4f}, latent std 1/{ae.scale.item():.3f}")
+
 def train(args, device, out, ckpt_path):
     torch.manual_seed(args.seed)
     if ckpt_path.exists() and not args.resume:
@@ -249,9 +297,16 @@ def train(args, device, out, ckpt_path):
     base = state["config"] if state else asdict(PRESETS[args.preset or ("cpu" if device.type == "cpu" else "gpu")])
     cfg = make_config(args, {**base, **{k: src["config"][k] for k in ARCH}} if src else base, fixed=bool(state or src))
     x, y = mnist(args.data_dir)                                           # labels and prompts stay on the CPU
-    net, x = PixArt(cfg.hidden, cfg.depth, cfg.heads, cfg.patch), x.to(device)
+    net, x = PixArt(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, channels=cfg.z_ch), x.to(device)
+    ae = Autoencoder(cfg.ae_ch, cfg.z_ch).to(device)
     if src:                                                               # sizes from src; its EMA weights
         from_dit(net, src["ema"]) if src["script"] == "dit" else net.load_state_dict(src["ema"])
+    if state or src:                                                      # the autoencoder of the run, or of src
+        ae.load_state_dict((state or src)["ae"])
+    else:                                                                 # none to start from: train one first
+        train_autoencoder(ae, x, cfg, device, out)
+    with torch.no_grad():
+        z = torch.cat([ae.encode(b) for b in x.split(1000)])             # (N, z_ch, 8, 8), the data from here on
     if not state and not (src and src["script"] == NAME):                # a stage-1 PixArt brings its fitted encoder
         log(out / "log.txt", f"text encoder fitted: probe accuracy {fit_text(net.text.to(device), cfg.text_steps, device):.2f}")
     net.text.requires_grad_(False).zero_grad(set_to_none=True)            # frozen, as T5 is; no grads of the fit
@@ -274,7 +329,7 @@ def train(args, device, out, ckpt_path):
         if write:
             tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
             torch.save({"script": NAME, "config": asdict(cfg), "model": net.state_dict(), "ema": ema.state_dict(),
-                        "opt": opt.state_dict(), "step": done, "rng": torch.get_rng_state(),
+                        "opt": opt.state_dict(), "ae": ae.state_dict(), "step": done, "rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None}, tmp)
             os.replace(tmp, ckpt_path)                                    # atomic: never a half-written file
 
@@ -285,7 +340,7 @@ def train(args, device, out, ckpt_path):
             texts = prompts(y[idx], "digit" if cfg.stage == 1 else "random")   # stage 1: class prompts "7" only
             ids = tokenize(["" if drop else s for s, drop in zip(texts, torch.rand(len(idx)) < cfg.p_uncond)]).to(device)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = dit_loss(fwd, sched, x[idx.to(device)], ids)      # (B,)
+                loss = dit_loss(fwd, sched, z[idx.to(device)], ids)      # (B,)
             opt.zero_grad(set_to_none=True)
             loss.mean().backward()                                        # mean over pixels and batch, as official
             opt.step()
@@ -314,19 +369,25 @@ def load_ckpt(path, scripts=(NAME,)):
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated") from None
     if (who := state.get("script") if isinstance(state, dict) else None) not in scripts:
         raise UserError(f"{path} is a checkpoint of {who or 'another program'}, not of {' or '.join(s + '.py' for s in scripts)}")
+    if "z_ch" not in state.get("config", {}):                             # before 2026-12-07 both ran in pixel space
+        raise UserError(f"{path} comes from an older, pixel-space {who}.py: train a new one")
     return state
 
 def sample(args, device, out, ckpt_path):
     cfg = make_config(args, (state := load_ckpt(ckpt_path))["config"])
-    net = PixArt(cfg.hidden, cfg.depth, cfg.heads, cfg.patch).to(device).eval()
-    net.load_state_dict(state["ema"])
+    net = PixArt(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, channels=cfg.z_ch).to(device).eval()
+    ae = Autoencoder(cfg.ae_ch, cfg.z_ch).to(device).eval()
+    for module, key in ((net, "ema"), (ae, "ae")):
+        module.load_state_dict(state[key])
     y = torch.arange(cfg.num_samples) % 10                                # column k of the grid is digit k
     texts = [args.prompt] * len(y) if args.prompt is not None else prompts(y, "digit" if cfg.stage == 1 else "sentence")
     ids = tokenize(texts).to(device)                                      # stage 1 knows only "7"-style prompts
-    noise = torch.randn(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    noise = torch.randn(len(y), cfg.z_ch, 8, 8, generator=torch.Generator().manual_seed(args.seed)).to(device)
     torch.manual_seed(args.seed)                                          # the noise of each step
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        traj = ddpm_sample(lambda x, t: guided(net, x, t, ids, cfg.guidance), noise, cfg.sample_steps, bar=True)
+        z = ddpm_sample(lambda x, t: guided(net, x, t, ids, cfg.guidance), noise, cfg.sample_steps, bar=True)
+        with torch.no_grad():
+            traj = ae.decode(z.flatten(0, 1)).float().clamp(-1, 1).unflatten(0, z.shape[:2])   # (K, B, 1, 32, 32)
     save_png(out / "samples.png", traj[-1])
     save_gif(out / "samples.gif", traj)                                   # x0_hat every ~n/20 steps, then x_0
     save_npz(out / "samples.npz", images=traj[-1], prompts=texts, labels=None if args.prompt is not None else y)
@@ -344,8 +405,9 @@ def make_config(args, base, fixed=True):
     if fixed and (bad := [k for k in ARCH if k in given and given[k] != base[k]]):
         raise UserError(f"--{bad[0]} {given[bad[0]]} does not match the checkpoint's {base[bad[0]]}")
     cfg = replace(Config(**base), **given)
-    if 32 % cfg.patch or cfg.hidden % 4 or cfg.hidden % cfg.heads or not 2 <= cfg.sample_steps <= T or cfg.stage > 2:
-        raise UserError(f"need --patch dividing 32, --hidden divisible by 4 and --heads, 2 <= --sample-steps <= {T}, --stage 1 or 2")
+    if 8 % cfg.patch or cfg.hidden % 4 or cfg.hidden % cfg.heads or not 2 <= cfg.sample_steps <= T or cfg.stage > 2 or cfg.ae_ch % 2:
+        raise UserError(f"need --patch dividing 8, --hidden divisible by 4 and --heads, 2 <= --sample-steps <= {T}, --stage 1 or 2, "
+                        "an even --ae-ch")
     return cfg
 
 def pick_device(name):

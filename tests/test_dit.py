@@ -14,17 +14,17 @@ A = torch.cumprod(1 - dit.BETAS, 0)                                       # alph
 
 def small_dit(**kw):
     torch.manual_seed(0)
-    return dit.DiT(**{"hidden": 32, "depth": 2, "heads": 2, "patch": 4, **kw})
+    return dit.DiT(**{"hidden": 32, "depth": 2, "heads": 2, "patch": 2, **kw})
 
 
 def test_adaln_zero_output_is_zero_and_blocks_are_identity():
-    net, x = small_dit(), torch.randn(3, 1, 32, 32)
+    net, x = small_dit(), torch.randn(3, 4, 8, 8)                       # a latent: 4 x 8 x 8, 16 tokens
     t, y = torch.tensor([0, 500, 999]), torch.tensor([1, 7, dit.NULL])
     for mode in (net.train, net.eval):
         mode()
         out = net(x, t, y)
-        assert out.shape == (3, 2, 32, 32) and (out == 0).all()          # zero final layer: eps = 0, v = 0
-    h, c = torch.randn(3, 64, 32), torch.randn(3, 32)
+        assert out.shape == (3, 8, 8, 8) and (out == 0).all()            # zero final layer: eps = 0, v = 0
+    h, c = torch.randn(3, 16, 32), torch.randn(3, 32)
     for block in net.blocks:
         assert torch.equal(block(h, c), h)                                # gates 0: the identity
         torch.nn.init.normal_(block.ada[-1].weight, std=0.1)
@@ -149,7 +149,7 @@ def test_hybrid_loss_stop_gradient_on_the_mean():
 def test_label_dropout():
     net, seen = small_dit(depth=0, p_uncond=0.1), []
     net.y_embed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    x, t, y = torch.zeros(8000, 1, 32, 32), torch.zeros(8000, dtype=torch.long), torch.arange(8000) % 10
+    x, t, y = torch.zeros(8000, 4, 8, 8), torch.zeros(8000, dtype=torch.long), torch.arange(8000) % 10
     with torch.no_grad():
         net.train()(x, t, y)
         assert 0.087 < (seen[-1] == dit.NULL).float().mean() < 0.113
@@ -225,3 +225,28 @@ def test_sampling_determinism_and_user_errors(fake_data, tmp_path):
         with pytest.raises(SystemExit) as e:
             dit.main(["--sample", "--out", str(tmp_path), "--device", "cpu", *flags])
         assert needle in str(e.value.code)
+
+
+def test_autoencoder_shapes_and_latent_scale():
+    """x4 in space, z_ch channels; the scale (paper: 0.18215) multiplies the latent and is undone by decode."""
+    torch.manual_seed(0)
+    ae, x = dit.Autoencoder(8, 4).eval(), torch.rand(3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z, rec = ae.encode(x), ae.decode(ae.encode(x))
+        assert z.shape == (3, 4, 8, 8) and rec.shape == x.shape
+        ae.scale.fill_(0.25)
+        assert torch.allclose(ae.encode(x), 0.25 * z) and torch.allclose(ae.decode(ae.encode(x)), rec, atol=1e-6)
+    assert "scale" in ae.state_dict() and "scale" not in dict(ae.named_parameters())   # saved, not trained
+
+
+def test_autoencoder_trains_first_and_travels_in_the_checkpoint(fake_data, tmp_path):
+    r = run_here(ROOT / "image" / "dit.py", "--train", *tiny(fake_data, tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert set(state["ae"]) == set(dit.Autoencoder(8, 4).state_dict()) and state["ae"]["scale"] != 1
+    assert "autoencoder: held-out reconstruction MSE" in (tmp_path / "log.txt").read_text()
+    old = {**state, "config": {k: v for k, v in state["config"].items() if k not in ("ae_ch", "z_ch", "ae_steps", "ae_lr")}}
+    torch.save(old, tmp_path / "pixel.pt")                                # a checkpoint of the pixel-space dit.py
+    with pytest.raises(SystemExit) as e:
+        dit.main(["--sample", "--ckpt", str(tmp_path / "pixel.pt"), "--out", str(tmp_path), "--device", "cpu"])
+    assert "pixel-space" in str(e.value.code)
