@@ -160,7 +160,7 @@ class Autoencoder(nn.Module):  # stand-in for SD's VAE: (B, 1, 32, 32) <-> (B, z
                                  conv(ch, 2 * ch, 2), act(), conv(2 * ch, 2 * ch), act(), nn.Conv2d(2 * ch, z_ch, 1))
         self.dec = nn.Sequential(conv(z_ch, 2 * ch), act(), conv(2 * ch, 2 * ch), act(), up(2 * ch, ch), act(),
                                  conv(ch, ch), act(), up(ch, ch // 2), act(), conv(ch // 2, 1))
-        self.register_buffer("scale", torch.ones(()))                    # 1 / std of the latents (paper: 0.18215)
+        self.register_buffer("scale", torch.ones(()))   # 1 / latent std: LDM's scale_by_std (arXiv 2112.10752v2); SD: 0.18215
 
     def encode(self, x):
         return self.enc(x) * self.scale
@@ -197,7 +197,7 @@ def p_mean_var(s, out, xt, t):
     learned-range log variance f log beta_t + (1 - f) log beta_tilde_t, f = (v + 1)/2 (IDDPM Eq. 15, official)."""
     eps, v = out.chunk(2, 1)
     log_var = (v + 1) / 2 * s["log_beta"][t] + (1 - v) / 2 * s["log_beta_tilde"][t]
-    x0 = (xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()   # not clipped on latents (official)
+    x0 = (xt - (1 - s["alpha_bar"][t]).sqrt() * eps) / s["alpha_bar"][t].sqrt()   # DDPM Eq. 15; unclipped on latents (sample.py)
     return s["coef_x0"][t] * x0 + s["coef_xt"][t] * xt, log_var, x0
 
 def vb_term(s, out, x0, xt, t):
