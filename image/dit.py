@@ -253,6 +253,7 @@ def train_autoencoder(ae, x, cfg, device, out):
                 loss = F.mse_loss(ae.dec(z).float(), xb) + 1e-4 * z.float().pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            nn.utils.clip_grad_norm_(ae.parameters(), 1.0)                # important: without it some seeds stall early
             opt.step()
     except KeyboardInterrupt:                                             # before any checkpoint: nothing to resume
         print("interrupted while training the autoencoder: nothing saved yet", file=sys.stderr)
