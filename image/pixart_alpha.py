@@ -16,7 +16,7 @@ Deviations from the paper:
 - No stage 3 (high resolution, aesthetics): MNIST has one size. dit.py's autoencoder (1x32x32 -> 4x8x8, taken from the
   --init-from checkpoint, else trained first; paper: the pretrained SD VAE). Guidance on eps only (official: [:3]).
   gpu 256 x 8 blocks, p=1; cpu 96 x 4, p=2 (paper: 1152 x 28, p=2 of 32x32 latents). Fewer steps, higher lr (paper:
-  2e-5), no lr warm-up, no grad clipping (paper: 0.01-1), EMA warm-up, bf16 on CUDA (paper: fp16).
+  2e-5), no lr warm-up, no grad clipping of the transformer (paper: 0.01-1), EMA warm-up, bf16 on CUDA (paper: fp16).
 
 Usage:
   python image/pixart_alpha.py --train --sample --init-from runs/dit/ckpt.pt --data-dir ../shared/data   # from DiT
