@@ -242,8 +242,7 @@ def train(args, device, out, ckpt_path):
     if teacher:  # CD: the EMA network of an image/edm.py checkpoint (its file, not its code), frozen
         t_state = load_ckpt(teacher_path, "edm")
         teacher = UNet(t_state["config"]["ch"], t_state["config"]["blocks"]).to(device, memory_format=torch.channels_last)
-        teacher.eval().requires_grad_(False)
-        teacher.load_state_dict(t_state["ema"])
+        teacher.eval().requires_grad_(False).load_state_dict(t_state["ema"])
         base = {**base, **{k: t_state["config"][k] for k in ("ch", "blocks")}, "p_uncond": 0.0, "guidance": 1.0}  # guided already
     cfg = make_config(args, base, fixed=bool(state or teacher))
     x, y = (a.to(device) for a in mnist(args.data_dir))
@@ -345,7 +344,9 @@ def make_config(args, base, fixed=True):
     for key in ("ch", "blocks"):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
-    return replace(Config(**base), **given)
+    if (cfg := replace(Config(**base), **given)).ch % 2:
+        raise UserError("need an even --ch (the time embedding and the attention heads split it)")
+    return cfg
 
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}

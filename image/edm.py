@@ -322,7 +322,9 @@ def make_config(args, base, fixed=True):
     for key in ("ch", "blocks"):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key} {given[key]} does not match the checkpoint's {base[key]}")
-    return replace(Config(**base), **given)
+    if (cfg := replace(Config(**base), **given)).ch % 2:
+        raise UserError("need an even --ch (the time embedding and the attention heads split it)")
+    return cfg
 
 def pick_device(name):
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}

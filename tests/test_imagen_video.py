@@ -92,6 +92,8 @@ def test_tsr_input_frames_are_the_low_frame_rate_frames():
     assert x.shape == c.shape == (3, 1, 10, 32, 32) and k == 2 and torch.equal(x[:, :, :8], clip[:, :, start:start + 8])
     assert torch.allclose(c[:, :, :8], iv.ssr_input(small[:, :, start:start + 8]))
     assert torch.allclose(iv.ssr_input(torch.full((1, 1, 2, 16, 16), 0.3)), torch.full((1, 1, 2, 32, 32), 0.3))
+    base, _, k = iv.stage_data(clip, images[:, :, :0], 2, 8)["base"]       # --image-frames 0: clips alone
+    assert torch.equal(base, small[:, :, ::2]) and k == 0
 
 
 @pytest.mark.parametrize("kind", ["base", "ssr"])

@@ -107,6 +107,9 @@ def test_bad_input_in_process(script, fake_data, tmp_path, capsys):
         ("--train", "--batch-size", "many"): "--batch-size",
         ("--train", "--device", "tpu9"): "tpu9",
     }
+    widths = {"ch": "5", "sr_ch": "5", "ae_ch": "3"}                  # odd widths, which the blocks cannot split
+    cases.update({("--train", f"--{k.replace('_', '-')}", v): f"--{k.replace('_', '-')}"
+                  for k, v in widths.items() if k in asdict(module.PRESETS["tiny"])})
     for args, needle in cases.items():
         with pytest.raises(SystemExit) as e:
             module.main([*map(str, args), "--out", str(tmp_path / "out"), "--data-dir", str(fake_data)])

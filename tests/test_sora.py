@@ -211,7 +211,8 @@ def test_cli_durations_sizes_extension_and_user_errors(fake_data, tmp_path):
     assert a.shape == (3, 8, 1, 32, 32) and texts[0] == f"{labels[0, 0]} and {labels[0, 1]}"
     for flags, needle in ((["--frames", "5"], "--frames"), (["--cond-frames", "8", "--extend", "4"], "--cond-frames"),
                           (["--width", "36"], "--width"), (["--hidden", "64"], "does not match"),
-                          (["--patch", "4"], "does not match"), (["--animate", "1", "--frames", "1"], "--animate")):
+                          (["--patch", "4"], "does not match"), (["--animate", "1", "--frames", "1"], "--animate"),
+                          (["--clips", "1"], "--clips")):
         with pytest.raises(SystemExit) as err:
             sora.main(["--sample", *args, *flags])
         assert needle in str(err.value.code) and "\n" not in str(err.value.code)

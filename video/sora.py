@@ -113,7 +113,7 @@ PRESETS = {
                    text_steps=2, steps=2, batch_size=2, lr=1e-2, sample_steps=2, num_samples=2, log_every=1,
                    ckpt_every=1),
 }
-ZERO_OK = ("p_uncond", "p_known", "ema", "guidance", "extend", "text_steps", "animate")  # others must be > 0
+ZERO_OK = ("p_uncond", "p_known", "ema", "guidance", "extend", "animate")  # others must be > 0
 ARCH = ("ae_ch", "z_ch", "hidden", "depth", "heads", "patch", "clip_frames")  # fixed by a checkpoint
 
 # --- model ---
@@ -497,6 +497,8 @@ def make_config(args, base, fixed=True):
         raise UserError("--animate needs --frames above 1 at 32 x 32")
     if cfg.hidden % cfg.heads or cfg.hidden // cfg.heads % 16 or cfg.hidden % 4:
         raise UserError("need --hidden a multiple of --heads x 16 (RoPE over 3 axes) and of 4")
+    if cfg.ae_ch % 2 or cfg.clips < 2:
+        raise UserError("need an even --ae-ch and --clips at least 2 (stage 1 holds the last of them out)")
     return cfg
 
 def pick_device(name):
