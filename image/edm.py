@@ -370,8 +370,8 @@ def main(argv=None):
             train(args, device, out, ckpt_path)
         if args.sample:
             sample(args, device, out, ckpt_path)
-    except (UserError, KeyboardInterrupt) as e:                           # Ctrl-C outside the training steps: exit 130
-        sys.exit(f"error: {e}" if isinstance(e, UserError) else 130)
+    except (UserError, OSError, KeyboardInterrupt) as e:                  # OSError: e.g. --out is a file, the disk full
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else f"error: {e}")   # Ctrl-C outside the training steps: 130
 
 if __name__ == "__main__":
     main()

@@ -115,6 +115,10 @@ def test_bad_input_in_process(script, fake_data, tmp_path, capsys):
             module.main([*map(str, args), "--out", str(tmp_path / "out"), "--data-dir", str(fake_data)])
         msg = str(e.value.code)
         assert e.value.code not in (0, None) and "\n" not in msg and needle in msg, (args, msg)
+    (tmp_path / "a_file").touch()                                         # --out names a file: an OSError, one line
+    with pytest.raises(SystemExit) as e:
+        module.main(["--sample", "--out", str(tmp_path / "a_file"), "--data-dir", str(fake_data)])
+    assert "a_file" in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 def test_help_lists_the_contract(script, capsys):
