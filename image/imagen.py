@@ -384,8 +384,8 @@ def make_config(args, base, fixed=True):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key.replace('_', '-')} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
-    if cfg.percentile > 1 or cfg.aug_level > 1 or cfg.ch % 4 or cfg.sr_ch % 4:
-        raise UserError("need --percentile and --aug-level at most 1, --ch and --sr-ch divisible by 4")
+    if cfg.percentile > 1 or cfg.aug_level > 1 or cfg.ch % 4 or cfg.sr_ch % 2:
+        raise UserError("need --percentile and --aug-level at most 1, --ch divisible by 4, an even --sr-ch")
     return cfg
 
 def pick_device(name):

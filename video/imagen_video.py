@@ -535,9 +535,9 @@ def make_config(args, base, fixed=True):
             raise UserError(f"--{key.replace('_', '-')} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
     if cfg.frames % cfg.stride or cfg.window % cfg.stride or cfg.window > cfg.frames or cfg.aug_level > 1 \
-            or cfg.distill_from % 2 ** cfg.distill_rounds or cfg.ch % 4 or cfg.sr_ch % 4:
+            or cfg.distill_from % 2 ** cfg.distill_rounds or cfg.ch % 4 or cfg.sr_ch % 2:
         raise UserError("need --frames and --window multiples of --stride, --window at most --frames, --aug-level "
-                        "at most 1, --distill-from divisible by 2^--distill-rounds, --ch and --sr-ch divisible by 4")
+                        "at most 1, --distill-from divisible by 2^--distill-rounds, --ch divisible by 4, an even --sr-ch")
     return cfg
 
 def pick_device(name):
