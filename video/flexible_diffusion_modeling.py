@@ -453,9 +453,9 @@ def make_config(args, base, fixed=True):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key.replace('_', '-')} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
-    if cfg.step >= cfg.max_frames or cfg.max_frames > cfg.train_length or cfg.ch % 4:
+    if cfg.step >= cfg.max_frames or cfg.max_frames > cfg.train_length or cfg.ch % 2:
         raise UserError("need --step below --max-frames (a stage observes max-frames - step frames), --max-frames "
-                        "at most --train-length, --ch divisible by 4")
+                        "at most --train-length, an even --ch")
     return cfg
 
 def pick_device(name):

@@ -412,9 +412,9 @@ def make_config(args, base, fixed=True):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key.replace('_', '-')} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
-    if cfg.extend and cfg.cond_frames >= cfg.frames or cfg.ch % 4:
+    if cfg.extend and cfg.cond_frames >= cfg.frames or cfg.ch % 2:
         raise UserError("need --cond-frames below --frames (each extension block adds frames - cond-frames), "
-                        "--ch divisible by 4")
+                        "an even --ch")
     return cfg
 
 def pick_device(name):
