@@ -72,7 +72,7 @@ class Config:
 PRESETS = {
     "gpu": Config(),
     "cpu": Config(ae_steps=1500, hidden=96, depth=4, patch=2, text_steps=300, batch_size=64, steps=6000, lr=1e-3, ema=0.999,
-                  sample_steps=100, guidance=3.0),
+                  sample_steps=100, guidance=2.0),
     "tiny": Config(ae_ch=8, ae_steps=2, hidden=16, depth=1, patch=2, text_steps=2, batch_size=4, steps=2, sample_steps=2,
                    num_samples=10, log_every=1, ckpt_every=1),
 }
