@@ -357,8 +357,8 @@ def batch(videos, labels, cfg, p_uncond):  # the paper's idea: images trained as
 def stage_data(clip, images, stride, window):
     """Per stage: (x, conditioning, image frames). Base: every stride-th frame at 16x16 + images; TSR: a window of
     16x16 frames, from its every stride-th frame repeated; SSR: a 32x32 window (+ images), from its 16x16 frames."""
-    clip16, images16 = F.avg_pool3d(torch.cat([clip, images], 2), (1, 2, 2)).split([clip.shape[2], images.shape[2]], 2)  # 2x2 means
     start, k = stride * int(torch.randint((clip.shape[2] - window) // stride + 1, ())), images.shape[2]
+    clip16, images16 = F.avg_pool3d(torch.cat([clip, images], 2), (1, 2, 2)).split([clip.shape[2], k], 2)  # 2x2 means; one pool: k may be 0
     win16, win = clip16[:, :, start:start + window], clip[:, :, start:start + window]
     return dict(base=(torch.cat([clip16[:, :, ::stride], images16], 2), None, k),
                 tsr=(win16, tsr_input(win16[:, :, ::stride], stride), 0),
