@@ -61,12 +61,18 @@ AS_FROM_A_SHELL = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG
                    "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
+def trained_a_step(path):
+    """A checkpoint past step 0 exists (dit.py also writes one at step 0, after its autoencoder: a Ctrl-C sent on
+    that one could land before the first DiT step and save step 0 again). Checkpoints are renamed into place whole."""
+    return path.exists() and torch.load(path, weights_only=True)["step"] >= 1
+
+
 def test_ctrl_c_saves_checkpoint(script, fake_data, tmp_path):
     p = subprocess.Popen([sys.executable, "-c", AS_FROM_A_SHELL, str(script), "--train",
                           *map(str, tiny(fake_data, tmp_path, "--steps", "100000"))],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
+    while not trained_a_step(tmp_path / "ckpt.pt") and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     try:
