@@ -34,7 +34,7 @@ Deviations from the paper:
 - Small widths, attention at <= 16x16 only (<= 8x8 on the CPU); AdamW without weight decay, gradient clipping 1;
   bf16 autocast on CUDA and on CPUs with native bf16 (precision()). The paper's exact schedule and step counts are
   not given; 256 sampling steps. A constant lr; --decay-steps N lowers it linearly to 0 over the last N steps, which
-  does nothing for the CPU preset's 3000 steps but took a 12000-step CPU run from flips 0.26 to 0.21 in 1500 steps.
+  does nothing for the CPU preset's 3000 steps but took a 12000-step CPU run from flips 0.26 to 0.20 in 3000 steps.
 - The CPU preset samples at guidance 6 (gpu: 2): its small model keeps the asked digits better with it (its 3000-step
   model, mean of two seeds of 40 clips: flips 0.54, acc 0.47 at 6, 0.64 and 0.44 at 4; fd 148 against 137). It appends 28
   images to each of 4 clips (paper: 0, 4 or 8, finding that images "speed up optimization"): on 2 cores drawing the
@@ -46,8 +46,8 @@ Usage:
   python video/video_diffusion_models.py --sample --extend 32 --cond-method replacement \\
          --ckpt runs/video_diffusion_models/ckpt.pt --out runs/vdm_replacement              # the baseline
   python video/video_diffusion_models.py --train --image-frames 0 --out runs/vdm_no_images  # no joint training
-  python video/video_diffusion_models.py --train --sample --steps 13500 --decay-steps 1500 \\
-         --out runs/vdm_long                 # ~2 h 20 min on 2 CPU cores: flips 0.21 (the preset: 0.54)
+  python video/video_diffusion_models.py --train --sample --steps 15000 --decay-steps 3000 \\
+         --out runs/vdm_long                 # ~2 h 35 min on 2 CPU cores: flips 0.20 (the preset: 0.54)
 """
 import argparse
 import copy
