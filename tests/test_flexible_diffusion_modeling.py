@@ -178,6 +178,28 @@ def test_training_tasks():
             assert any(torch.equal(videos[c, idx[b, j]], x[b, :, j]) for c in range(6))
 
 
+def test_continuation_tasks_observe_a_prefix_of_consecutive_frames():
+    torch.manual_seed(0)
+    videos = torch.arange(6 * 20, dtype=torch.float).reshape(6, 20, 1, 1, 1).expand(-1, -1, -1, 8, 8)  # frame ids
+    x, idx, obs, pad = fdm.batch(videos, 64, 8, cont=1.0)
+    assert not pad.any() and obs[:, 0].all() and not obs[:, -1].any()    # no padding, 1..7 observed
+    assert (idx.diff(dim=1) == 1).all() and (obs.int().diff(dim=1) <= 0).all()   # consecutive, prefix
+    assert len(set(obs.sum(1).tolist())) > 3                              # the prefix's length varies
+    assert torch.equal(x[:, 0, :, 0, 0] % 20, idx.float()) and not (x[:, 0, :, 0, 0] // 20).diff(dim=1).any()  # one clip
+    _, idx, obs, pad = fdm.batch(videos, 64, 8, cont=0.5)
+    continuations = (idx.diff(dim=1) == 1).all(1) & ~pad.any(1) & obs[:, 0] & ~obs[:, -1]
+    assert 16 < continuations.sum() < 48                                  # about half; the others the code's tasks
+
+
+def test_lr_is_constant_then_falls_linearly_to_zero(fake_data, tmp_path):
+    args = [*map(str, tiny(fake_data, tmp_path))]                         # two steps at the tiny preset's lr
+    lr = lambda: torch.load(tmp_path / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]["lr"]   # noqa: E731
+    fdm.main(["--train", *args])
+    assert lr() == fdm.PRESETS["tiny"].lr and fdm.PRESETS["tiny"].decay_steps == 0   # no decay: constant
+    fdm.main(["--train", *args, "--resume", "--steps", "6", "--decay-steps", "3"])
+    assert lr() == pytest.approx(fdm.PRESETS["tiny"].lr / 3)              # steps 3, 4, 5 at 3/3, 2/3, 1/3 of it
+
+
 def test_generate_runs_the_stages_in_order():
     calls = []
 

@@ -23,7 +23,10 @@ Deviations from the paper:
   videos from 36 given frames). No adaptive or optimised schemes, no Hierarchy-N for N > 2.
 - The training tasks follow the code (train_util.py sample_some_indices, sample_all_masks, prepare_training_batch,
   pad_with_random_frames = True): frames left over up to K are random frames of another clip, which attend only among
-  themselves and are trained as latent frames.
+  themselves and are trained as latent frames. `--continuation F` (0 in the presets) makes a share F of the tasks
+  K consecutive frames with the first 1..K-1 observed instead (at K = 8 about a quarter of the code's tasks observe
+  any frame).
+  `--decay-steps N` (0 in the presets) lowers the lr linearly to 0 over the last N steps (the code: constant).
 - One RPE net per temporal attention outputs R^q, R^k and R^v together (the code: three nets with the same inputs).
   ResBlocks add the time embedding (the code: scale-shift norm). Temporal attention before spatial attention, as the
   code. The frames of a task are ordered observed first (the code: by frame index); nothing depends on the order.
@@ -72,6 +75,8 @@ class Config:
     steps: int = 20000           # training steps
     batch_size: int = 32         # training tasks per step
     lr: float = 2e-4             # AdamW (code: 1e-4)
+    decay_steps: int = 0         # the last N steps lower the lr linearly to 0 (0: a constant lr)
+    continuation: float = 0.0    # share of tasks that are K consecutive frames, a random prefix observed (0: none)
     ema: float = 0.9999          # EMA decay per step
     sample_steps: int = 256      # ancestral steps per stage (code: 1000)
     num_samples: int = 10        # videos sampled
@@ -88,7 +93,7 @@ PRESETS = {
     "tiny": Config(ch=8, blocks=1, attn_res=8, max_frames=4, train_length=8, clips=16, steps=2, batch_size=2,
                    sample_steps=2, num_samples=2, length=8, step=2, log_every=1, ckpt_every=1),
 }
-ZERO_OK = ("ema",)  # others must be > 0
+ZERO_OK = ("decay_steps", "continuation", "ema")  # others must be > 0
 CHOICES = {"scheme": ("autoregressive", "long-range", "hierarchy-2")}  # flags with a choice
 
 # --- model ---
@@ -334,14 +339,20 @@ def frame_masks(k, T):  # the paper's idea (Sec. 4): random latent and observed 
             return sorted(latent), sorted(obs)
         (obs if torch.rand(()) < 0.5 else latent).update(new)
 
-def batch(videos, b, k):
+def batch(videos, b, k, cont=0.0):
     """b training tasks of k frames: x (B, 1, K, 32, 32), frame indices (B, K), observed and padding masks (B, K).
-    Each task's observed and latent frames come first, then random frames of another clip (pad_with_random_frames)."""
+    Each task's observed and latent frames come first, then random frames of another clip (pad_with_random_frames).
+    A share `cont` of the tasks are continuations instead (not in the paper): k consecutive frames, the first 1..k-1
+    observed."""
     n, T = videos.shape[:2]
     clip, idx = torch.randint(n, (b, 1)).repeat(1, k), torch.randint(T, (b, k))
     obs, pad = torch.zeros(b, k, dtype=torch.bool), torch.ones(b, k, dtype=torch.bool)
     for i in range(b):
-        latent, seen = frame_masks(k, T)
+        if cont and torch.rand(()) < cont:
+            start, j = int(torch.randint(T - k + 1, ())), int(torch.randint(1, k, ()))
+            seen, latent = list(range(start, start + j)), list(range(start + j, start + k))
+        else:
+            latent, seen = frame_masks(k, T)
         idx[i, :len(seen + latent)] = torch.tensor(seen + latent)
         obs[i, :len(seen)], pad[i, :len(seen + latent)] = True, False
     clip = torch.where(pad, torch.randint(n, (b, 1)), clip)
@@ -387,12 +398,14 @@ def train(args, device, out, ckpt_path):
     running, seen, clock, done = torch.zeros((), device=device), 0, time.time(), step
     try:
         for done in between_steps(tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train")):
-            x, idx, obs, pad = batch(videos, cfg.batch_size, cfg.max_frames)
+            x, idx, obs, pad = batch(videos, cfg.batch_size, cfg.max_frames, cfg.continuation)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 loss = diffusion_loss(fwd, x, idx, obs, pad).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            for group in opt.param_groups:                                # constant, then linear to 0 at cfg.steps
+                group["lr"] = cfg.lr * min(1.0, (cfg.steps - done) / max(cfg.decay_steps, 1e-9))
             opt.step()
             decay = min(cfg.ema, (1 + done) / (10 + done))                # EMA with a warm-up
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
@@ -453,9 +466,9 @@ def make_config(args, base, fixed=True):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key.replace('_', '-')} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
-    if cfg.step >= cfg.max_frames or cfg.max_frames > cfg.train_length or cfg.ch % 2:
+    if cfg.step >= cfg.max_frames or cfg.max_frames > cfg.train_length or cfg.ch % 2 or cfg.continuation > 1:
         raise UserError("need --step below --max-frames (a stage observes max-frames - step frames), --max-frames "
-                        "at most --train-length, an even --ch")
+                        "at most --train-length, an even --ch, --continuation at most 1")
     return cfg
 
 def pick_device(name):
