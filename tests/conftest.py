@@ -80,6 +80,17 @@ def run_here(script, *args):
     return r
 
 
+def lr_decay_paths(script, data, out):
+    """The lr a script's optimizer holds after two tiny steps, and after resuming to 6 steps with --decay-steps 3
+    (constant, then linear to 0 at --steps): returns (the tiny preset's lr, the first run's, the second run's)."""
+    args = [*map(str, tiny(data, out))]
+    lr = lambda: torch.load(out / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]["lr"]   # noqa: E731
+    script.main(["--train", *args])
+    first = lr()
+    script.main(["--train", *args, "--resume", "--steps", "6", "--decay-steps", "3"])
+    return script.PRESETS["tiny"].lr, first, lr()
+
+
 def precision_paths(script, monkeypatch, data, out):
     """A script's precision(): bf16 autocast on CUDA and on CPUs with native bf16, in NCHW there; float32 and NHWC
     elsewhere. Both CPU paths train and sample (tiny); returns their samples.npz arrays, float32 path first."""

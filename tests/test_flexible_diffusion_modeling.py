@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, precision_paths, tiny
+from conftest import ROOT, load_script, lr_decay_paths, precision_paths, tiny
 
 fdm = load_script(ROOT / "video" / "flexible_diffusion_modeling.py")
 
@@ -192,12 +192,9 @@ def test_continuation_tasks_observe_a_prefix_of_consecutive_frames():
 
 
 def test_lr_is_constant_then_falls_linearly_to_zero(fake_data, tmp_path):
-    args = [*map(str, tiny(fake_data, tmp_path))]                         # two steps at the tiny preset's lr
-    lr = lambda: torch.load(tmp_path / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]["lr"]   # noqa: E731
-    fdm.main(["--train", *args])
-    assert lr() == fdm.PRESETS["tiny"].lr and fdm.PRESETS["tiny"].decay_steps == 0   # no decay: constant
-    fdm.main(["--train", *args, "--resume", "--steps", "6", "--decay-steps", "3"])
-    assert lr() == pytest.approx(fdm.PRESETS["tiny"].lr / 3)              # steps 3, 4, 5 at 3/3, 2/3, 1/3 of it
+    lr, first, decayed = lr_decay_paths(fdm, fake_data, tmp_path)
+    assert first == lr and fdm.PRESETS["tiny"].decay_steps == 0           # no decay: constant
+    assert decayed == pytest.approx(lr / 3)                               # steps 3, 4, 5 at 3/3, 2/3, 1/3 of it
 
 
 def test_generate_runs_the_stages_in_order():

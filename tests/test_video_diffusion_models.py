@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, precision_paths, tiny
+from conftest import ROOT, load_script, lr_decay_paths, precision_paths, tiny
 
 vdm = load_script(ROOT / "video" / "video_diffusion_models.py")
 
@@ -214,12 +214,9 @@ def test_precision_uses_bf16_only_where_it_is_native(monkeypatch, fake_data, tmp
 
 
 def test_lr_is_constant_then_falls_linearly_to_zero(fake_data, tmp_path):
-    args = [*map(str, tiny(fake_data, tmp_path))]                         # two steps at the tiny preset's lr
-    lr = lambda: torch.load(tmp_path / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]["lr"]   # noqa: E731
-    vdm.main(["--train", *args])
-    assert lr() == vdm.PRESETS["tiny"].lr and vdm.PRESETS["tiny"].decay_steps == 0   # no decay: constant
-    vdm.main(["--train", *args, "--resume", "--steps", "6", "--decay-steps", "3"])
-    assert lr() == pytest.approx(vdm.PRESETS["tiny"].lr / 3)              # steps 3, 4, 5 at 3/3, 2/3, 1/3 of it
+    lr, first, decayed = lr_decay_paths(vdm, fake_data, tmp_path)
+    assert first == lr and vdm.PRESETS["tiny"].decay_steps == 0           # no decay: constant
+    assert decayed == pytest.approx(lr / 3)                               # steps 3, 4, 5 at 3/3, 2/3, 1/3 of it
 
 
 def test_cli_extension_methods_and_user_errors(fake_data, tmp_path):
