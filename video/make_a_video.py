@@ -41,7 +41,7 @@ Deviations from the paper:
 
 Usage:
   python video/make_a_video.py --train --sample --data-dir ../shared/data   # stage A, inflation, stage B, then F
-  python video/make_a_video.py --train --sample --image-steps 12000 --steps 12600 --out runs/mav_long  # 53 min, 2 cores: flips 0.57
+  python video/make_a_video.py --train --sample --image-steps 12000 --steps 12600 --out runs/mav_long  # 53 min on 2 cores: flips 0.57 (preset 0.74)
   python video/make_a_video.py --sample --prompt "3 and 5"                  # every clip from one prompt
   python video/make_a_video.py --sample --interp 5 --out runs/mav_interp --ckpt runs/make_a_video/ckpt.pt  # 76 frames
   python video/make_a_video.py --sample --skip 3                            # D^t asked for 3x faster motion (fps)
