@@ -38,7 +38,7 @@ Deviations from the paper:
 
 Usage:
   python video/flexible_diffusion_modeling.py --train --sample --data-dir ../shared/data
-  python video/flexible_diffusion_modeling.py --train --sample --steps 12000 --decay-steps 3000 --continuation 0.5 \
+  python video/flexible_diffusion_modeling.py --train --sample --steps 12000 --decay-steps 3000 --continuation 0.5 \\
          --out runs/fdm_long --data-dir ../shared/data   # 45 min of training on 2 CPU cores: flips 0.84 (preset 0.92)
   python video/flexible_diffusion_modeling.py --sample --scheme autoregressive --step 1 --length 64   # one new frame a stage
   python video/flexible_diffusion_modeling.py --sample --scheme long-range --length 128 --out runs/fdm_long_range \\
