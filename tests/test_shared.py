@@ -1,6 +1,9 @@
-"""shared/: data loading through the real code on fake IDX files, prompts, and the writers."""
+"""shared/: data loading through the real code on fake IDX files, prompts, the writers, and stops between steps."""
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 import shared
+from conftest import ROOT, tiny
 
 
 def test_mnist_pads_and_scales(fake_data):
@@ -147,3 +151,49 @@ def test_ignored_ctrl_c_stays_ignored(python_ctrl_c):
     for step in shared.between_steps(range(3)):
         signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.fixture
+def python_sigterm():
+    """SIGTERM as a fresh `python` has it (the default: end the process), whatever the test process inherited."""
+    old, mask = signal.getsignal(signal.SIGTERM), signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, old)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def test_sigterm_lands_between_steps(python_ctrl_c, python_sigterm):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)                        # an ignored Ctrl-C does not stop the catch
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        for step in shared.between_steps(range(10)):
+            if step == 3:
+                assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL   # caught: it cannot end pytest
+                signal.raise_signal(signal.SIGTERM)                     # `kill` in the middle of step 3
+            finished.append(step)                                       # ... which still finishes
+    assert finished == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_sigterm_saves_checkpoint(fake_data, tmp_path):
+    """A script killed with SIGTERM (`kill`, `timeout`, a cluster's time limit) saves its step, as on Ctrl-C; one
+    script stands for all, since they share between_steps and the Ctrl-C handler (test_scripts.py tests each)."""
+    fresh = "import runpy, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); sys.argv = sys.argv[1:]; " \
+            "runpy.run_path(sys.argv[0], run_name='__main__')"
+    ckpt = tmp_path / "ckpt.pt"
+    p = subprocess.Popen([sys.executable, "-c", fresh, str(ROOT / "image" / "rectified_flow.py"), "--train",
+                          *map(str, tiny(fake_data, tmp_path, "--steps", "100000"))],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 1) and time.time() < deadline \
+            and p.poll() is None:
+        time.sleep(0.2)
+    p.terminate()                                                       # SIGTERM
+    try:
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("still running 120 s after SIGTERM") from None
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 100000 and "--resume" in err
