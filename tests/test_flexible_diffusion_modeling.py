@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import ROOT, load_script, lr_decay_paths, precision_paths, tiny
+from shared import moving_mnist, to_uint8
 
 fdm = load_script(ROOT / "video" / "flexible_diffusion_modeling.py")
 
@@ -133,17 +134,20 @@ def test_padding_frames_form_their_own_group():
 def test_each_scheme_generates_every_frame_exactly_once(name):
     for length, k, step in ((64, 16, 8), (64, 8, 4), (64, 8, 1), (64, 8, 7), (37, 6, 3), (8, 4, 2), (5, 8, 4),
                             (1, 2, 1)):
-        stages, done = fdm.SCHEMES[name](length, k, step), set()
-        assert stages[0][0] == [] and len(stages[0][1]) == min(k, length)   # an unconditional first stage of K
-        for obs, latent in stages:
-            assert latent and len(obs) + len(latent) <= k
-            assert len(set(latent)) == len(latent) and len(set(obs)) == len(obs)
-            assert set(obs) <= done and not set(latent) & done           # observed: already generated; latent: new
-            assert all(0 <= i < length for i in latent)
-            done |= set(latent)
-            if obs and name != "hierarchy-2":
-                assert len(obs) == k - step and len(latent) <= step
-        assert done == set(range(length)), (name, length, k, step)
+        for given in sorted({0, 1, 3, 8, 36, length - 1} & set(range(length))):   # frames given before stage one
+            stages, done = fdm.SCHEMES[name](length, k, step, given), set(range(given))
+            if not given:
+                assert stages[0][0] == [] and len(stages[0][1]) == min(k, length)   # an unconditional first stage of K
+            for obs, latent in stages:
+                assert latent and len(obs) + len(latent) <= k
+                assert len(set(latent)) == len(latent) and len(set(obs)) == len(obs)
+                assert set(obs) <= done and not set(latent) & done       # observed: generated or given; latent: new
+                assert all(0 <= i < length for i in latent) and (obs or not given)
+                done |= set(latent)
+                if obs and name != "hierarchy-2":
+                    assert len(obs) <= k - step and len(latent) <= step
+                    assert len(obs) == k - step or given                 # fewer only when few frames are given
+            assert done == set(range(length)), (name, length, k, step, given)
     stages = fdm.SCHEMES[name](64, 8, 4)
     if name == "autoregressive":
         assert all(obs == list(range(latent[0] - 4, latent[0])) for obs, latent in stages[1:])
@@ -154,6 +158,11 @@ def test_each_scheme_generates_every_frame_exactly_once(name):
         assert stages[0][1][0] == 0 and stages[0][1][-1] == 63 and len(stages) == 1 + 56 // 4
         for obs, latent in stages[1:]:
             assert min(obs) < min(latent) and max(obs) > max(latent)       # frames before and after the gap
+    given = {"autoregressive": ([4, 5, 6, 7], [8, 9, 10, 11]), "long-range": ([4, 5, 6, 7], [8, 9, 10, 11]),
+             "hierarchy-2": ([0, 2, 4, 7], [8, 26, 44, 63])}              # 8 given: `step` keyframes over the rest
+    assert fdm.SCHEMES[name](64, 8, 4, 8)[0] == given[name]
+    if name == "long-range":
+        assert fdm.long_range(64, 8, 4, 8)[-1] == ([6, 7, 58, 59], [60, 61, 62, 63])   # reaches back to given frames
 
 
 def test_training_tasks():
@@ -220,8 +229,16 @@ def test_cli_schemes_lengths_and_user_errors(fake_data, tmp_path):
         fdm.main(["--sample", *args, "--scheme", scheme, "--length", "11", "--num-samples", "3"])
         with np.load(tmp_path / "samples.npz") as f:
             assert f["videos"].shape == (3, 11, 1, 32, 32) and f["videos"].dtype == np.uint8 and "labels" not in f
+    for scheme in fdm.SCHEMES:                                            # the paper's evaluation: complete new clips
+        fdm.main(["--sample", *args, "--scheme", scheme, "--length", "11", "--num-samples", "3", "--given", "3"])
+        clips, labels = moving_mnist(fake_data, 3, 11, seed=1)
+        with np.load(tmp_path / "samples.npz") as f:
+            assert f["videos"].shape == (3, 11, 1, 32, 32) and np.array_equal(f["labels"], labels.numpy())
+            assert np.array_equal(f["videos"][:, :3], to_uint8(clips[:, :3]).numpy())   # given frames kept
+            assert not np.array_equal(f["videos"][:, 3:], to_uint8(clips[:, 3:]).numpy())
     for flags, needle in ((["--step", "4"], "--step"), (["--scheme", "all"], "--scheme"),
-                          (["--ch", "16"], "does not match"), (["--length", "0"], "--length")):
+                          (["--ch", "16"], "does not match"), (["--length", "0"], "--length"),
+                          (["--length", "11", "--given", "11"], "--given")):
         with pytest.raises(SystemExit) as e:
             fdm.main(["--sample", *args, *flags])
         assert needle in str(e.value.code) and "\n" not in str(e.value.code)

@@ -19,8 +19,9 @@ v = alpha_t eps - sigma_t x, so x_hat = alpha_t z_t - sigma_t v_hat.
 Deviations from the paper:
 - Moving MNIST (two bouncing digits, 32x32) with 64-frame training videos and K = 16 (paper: CARLA 1000, MineRL 500,
   GQN-Mazes 300 frames at 64-128 px, K = 20). Unconditional, as the paper: the digits' labels are not used.
-- Sampling starts unconditionally, as the code does without observed frames (the paper's evaluation completes test
-  videos from 36 given frames). No adaptive or optimised schemes, no Hierarchy-N for N > 2.
+- Sampling starts unconditionally, as the code does without observed frames; `--given N` starts from the first N
+  frames of new clips instead, as the paper's evaluation (36 given frames of test videos), and samples.npz then holds
+  the clips' digit labels. No adaptive or optimised schemes, no Hierarchy-N for N > 2.
 - The training tasks follow the code (train_util.py sample_some_indices, sample_all_masks, prepare_training_batch,
   pad_with_random_frames = True): frames left over up to K are random frames of another clip, which attend only among
   themselves and are trained as latent frames. `--continuation F` (0 in the presets) makes a share F of the tasks
@@ -85,6 +86,7 @@ class Config:
     scheme: str = "hierarchy-2"  # sampling scheme (Sec. 3)
     length: int = 64             # frames of each sampled video
     step: int = 8                # latent frames per stage after the first (code: max_frames // 2)
+    given: int = 0               # frames taken from new Moving MNIST clips before sampling (paper's evaluation: 36)
     log_every: int = 100
     ckpt_every: int = 1000
 
@@ -95,7 +97,7 @@ PRESETS = {
     "tiny": Config(ch=8, blocks=1, attn_res=8, max_frames=4, train_length=8, clips=16, steps=2, batch_size=2,
                    sample_steps=2, num_samples=2, length=8, step=2, log_every=1, ckpt_every=1),
 }
-ZERO_OK = ("decay_steps", "continuation", "ema")  # others must be > 0
+ZERO_OK = ("decay_steps", "continuation", "ema", "given")  # others must be > 0
 CHOICES = {"scheme": ("autoregressive", "long-range", "hierarchy-2")}  # flags with a choice
 
 # --- model ---
@@ -267,31 +269,45 @@ def ancestral(v_fn, noise, n):
     return z
 
 # Sampling schemes (Sec. 3): lists of stages (observed frame indices Y_s, latent frame indices X_s) for a video of
-# `length` frames, at most k frames a stage, `step` new frames a stage after the first [code sampling_schemes.py]
-def autoregressive(length, k, step):
-    """The first k frames, then repeatedly the next `step` frames given the k - step latest ones."""
-    stages, done = [([], list(range(min(k, length))))], min(k, length)
+# `length` frames, at most k frames a stage, `step` new frames a stage after the first; frames 0..given-1, if any, are
+# real frames given before the first stage [code sampling_schemes.py, num_obs]
+def spread(start, end, n):
+    """n distinct frame indices from start to end (inclusive), evenly spread: int(linspace(start, end, n))."""
+    return [start + i * (end - start) // max(n - 1, 1) for i in range(n)]
+
+def autoregressive(length, k, step, given=0):
+    """The first k frames (none when frames are given), then repeatedly the next `step` frames given the k - step
+    latest ones."""
+    done = given or min(k, length)
+    stages = [] if given else [([], list(range(done)))]
     while done < length:
-        stages.append((list(range(done - (k - step), done)), list(range(done, min(done + step, length)))))
+        stages.append((list(range(max(done - (k - step), 0), done)), list(range(done, min(done + step, length)))))
         done = stages[-1][1][-1] + 1
     return stages
 
-def long_range(length, k, step):
+def long_range(length, k, step, given=0):
     """As autoregressive, but only half of the k - step observed frames are the latest ones; the others reach back to
-    the first stage's frames, latest first (the code's LongRangeAutoregressive)."""
-    stages, c = autoregressive(length, k, step), k - step
-    for i, (_, new) in enumerate(stages[1:], 1):
-        recent = list(range(new[0] - c // 2, new[0]))
-        far = [j for j in reversed(stages[0][1]) if j not in recent][:c - len(recent)]
+    the given frames, else the first stage's, latest first (the code's LongRangeAutoregressive)."""
+    stages, c = autoregressive(length, k, step, given), k - step
+    first = list(range(given)) or stages[0][1]
+    for i in range(0 if given else 1, len(stages)):
+        new = stages[i][1]
+        recent = list(range(max(new[0] - c // 2, 0), new[0]))
+        far = [j for j in reversed(first) if j not in recent][:c - len(recent)]
         stages[i] = (sorted(far + recent), new)
     return stages
 
-def hierarchy_2(length, k, step):
-    """Level 1: k keyframes spread over the whole video. Level 2: the gaps, `step` frames at a time in order, given the
-    generated frames between them and up to half of the other observed slots after them, the rest before them."""
-    n = min(k, length)
-    keys = [i * (length - 1) // max(n - 1, 1) for i in range(n)]         # int(linspace(0, length - 1, k))
-    stages, done = [([], keys)], set(keys)
+def hierarchy_2(length, k, step, given=0):
+    """Level 1: k keyframes spread over the whole video (given frames: `step` keyframes spread over the rest, given
+    k - step given frames spread over them). Level 2: the gaps, `step` frames at a time in order, given the generated
+    frames between them and up to half of the other observed slots after them, the rest before them."""
+    if given:
+        keys = spread(given, length - 1, min(step, length - given))
+        stages = [(spread(0, given - 1, min(k - step, given)), keys)]
+    else:
+        keys = spread(0, length - 1, min(k, length))
+        stages = [([], keys)]
+    done = set(keys) | set(range(given))
     while len(done) < length:
         s = step
         while True:
@@ -310,10 +326,13 @@ def hierarchy_2(length, k, step):
 SCHEMES = {"autoregressive": autoregressive, "long-range": long_range, "hierarchy-2": hierarchy_2}
 
 @torch.no_grad()
-def generate(v_fn, stages, n, length, steps, device):
+def generate(v_fn, stages, n, length, steps, device, given=None):
     """Run a scheme's stages in turn: each samples its latent frames given the frames generated before (Sec. 3).
-    v_fn(z, x0, t, idx, obs) is the network; returns (n, 1, length, 32, 32)."""
+    v_fn(z, x0, t, idx, obs) is the network; given (n, 1, G, 32, 32): the videos' first frames, if any; returns
+    (n, 1, length, 32, 32)."""
     video = torch.zeros(n, 1, length, 32, 32, device=device)
+    if given is not None:
+        video[:, :, :given.shape[2]] = given
     for obs, latent in tqdm(stages, desc="stages", leave=False):
         idx = torch.tensor(obs + latent, device=device).expand(n, -1)    # (B, F): observed first
         is_obs = (torch.arange(idx.shape[1], device=device) < len(obs)).expand(n, -1)
@@ -444,17 +463,21 @@ def sample(args, device, out, ckpt_path):
     amp, layout = precision(device)
     net = UNet(cfg.ch, cfg.blocks, cfg.attn_res).to(device, memory_format=layout).eval().requires_grad_(False)
     net.load_state_dict(state["ema"])
-    stages = SCHEMES[cfg.scheme](cfg.length, cfg.max_frames, cfg.step)
+    stages = SCHEMES[cfg.scheme](cfg.length, cfg.max_frames, cfg.step, cfg.given)
+    given, labels = None, None
+    if cfg.given:  # new clips (seed 1; training: seed 0), their first frames given as the paper's evaluation
+        clips, labels = moving_mnist(args.data_dir, cfg.num_samples, cfg.length, seed=1)   # (N, L, 1, 32, 32)
+        given = rearrange(clips[:, :cfg.given], "b f c x y -> b c f x y").to(device)
     torch.manual_seed(args.seed)                                          # the noise of each step and stage
     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-        video = generate(net, stages, cfg.num_samples, cfg.length, cfg.sample_steps, device)   # (B, 1, L, 32, 32)
+        video = generate(net, stages, cfg.num_samples, cfg.length, cfg.sample_steps, device, given)   # (B, 1, L, H, W)
     videos = rearrange(video.float(), "b c f x y -> b f c x y")
     save_png(out / "samples.png", videos.flatten(0, 1), nrow=videos.shape[1])   # one video per row
     save_gif(out / "samples.gif", videos.transpose(0, 1), max_frames=cfg.length)   # (L, N, 1, 32, 32): every frame
-    save_npz(out / "samples.npz", videos=videos)
+    save_npz(out / "samples.npz", videos=videos, labels=labels)
     print(f"wrote {out}/samples.png, samples.gif, samples.npz: {len(videos)} videos of {cfg.length} frames "
           f"(step {state['step']}), {cfg.scheme} in {len(stages)} stages of <= {cfg.max_frames} frames, "
-          f"{cfg.sample_steps} steps each")
+          f"{cfg.sample_steps} steps each" + (f", after {cfg.given} given frames" if cfg.given else ""))
 
 # --- cli ---
 HELP = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*# (.*)$", Path(__file__).read_text(), re.M))  # Config's comments
@@ -468,9 +491,10 @@ def make_config(args, base, fixed=True):
         if fixed and key in given and given[key] != base[key]:
             raise UserError(f"--{key.replace('_', '-')} {given[key]} does not match the checkpoint's {base[key]}")
     cfg = replace(Config(**base), **given)
-    if cfg.step >= cfg.max_frames or cfg.max_frames > cfg.train_length or cfg.ch % 2 or cfg.continuation > 1:
+    if cfg.step >= cfg.max_frames or cfg.max_frames > cfg.train_length or cfg.ch % 2 or cfg.continuation > 1 \
+            or cfg.given >= cfg.length:
         raise UserError("need --step below --max-frames (a stage observes max-frames - step frames), --max-frames "
-                        "at most --train-length, an even --ch, --continuation at most 1")
+                        "at most --train-length, an even --ch, --continuation at most 1, --given below --length")
     return cfg
 
 def pick_device(name):
