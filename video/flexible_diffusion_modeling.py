@@ -41,7 +41,11 @@ Usage:
   python video/flexible_diffusion_modeling.py --train --sample --data-dir ../shared/data
   python video/flexible_diffusion_modeling.py --train --sample --steps 12000 --decay-steps 3000 --continuation 0.5 \\
          --out runs/fdm_long --data-dir ../shared/data   # 45 min of training on 2 CPU cores: flips 0.84 (preset 0.92)
+  python video/flexible_diffusion_modeling.py --train --sample --resume --steps 24000 --out runs/fdm_long \\
+         --data-dir ../shared/data   # on to 24000 steps, 50 min more: flips 0.73
   python video/flexible_diffusion_modeling.py --sample --scheme autoregressive --step 1 --length 64   # one new frame a stage
+  python video/flexible_diffusion_modeling.py --sample --scheme autoregressive --step 1 --given 8 --length 32 \\
+         --data-dir ../shared/data   # complete new clips from their first 8 frames, as the paper's evaluation
   python video/flexible_diffusion_modeling.py --sample --scheme long-range --length 128 --out runs/fdm_long_range \\
          --ckpt runs/flexible_diffusion_modeling/ckpt.pt
 """
