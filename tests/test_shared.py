@@ -95,14 +95,25 @@ def test_writers(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # written through temp files, all renamed
 
 
+def as_fresh_python(signum, handler):
+    """signum as a fresh `python` has it (handler, not blocked), whatever the test process inherited; restored after."""
+    old, mask = signal.getsignal(signum), signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    signal.signal(signum, handler)
+    yield
+    signal.signal(signum, old)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 @pytest.fixture
 def python_ctrl_c():
-    """SIGINT as a fresh `python` has it (Python's handler, not blocked), whatever the test process inherited."""
-    old, mask = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    """SIGINT with Python's own handler."""
+    yield from as_fresh_python(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def python_sigterm():
+    """SIGTERM with the default action: end the process."""
+    yield from as_fresh_python(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_ctrl_c_lands_between_steps(python_ctrl_c):
@@ -151,16 +162,6 @@ def test_ignored_ctrl_c_stays_ignored(python_ctrl_c):
     for step in shared.between_steps(range(3)):
         signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-
-
-@pytest.fixture
-def python_sigterm():
-    """SIGTERM as a fresh `python` has it (the default: end the process), whatever the test process inherited."""
-    old, mask = signal.getsignal(signal.SIGTERM), signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    yield
-    signal.signal(signal.SIGTERM, old)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def test_sigterm_lands_between_steps(python_ctrl_c, python_sigterm):
