@@ -303,8 +303,9 @@ def long_range(length, k, step, given=0):
 
 def hierarchy_2(length, k, step, given=0):
     """Level 1: k keyframes spread over the whole video (given frames: `step` keyframes spread over the rest, given
-    k - step given frames spread over them). Level 2: the gaps, `step` frames at a time in order, given the generated
-    frames between them and up to half of the other observed slots after them, the rest before them."""
+    k - step given frames spread over them, as the code's HierarchyNLevel at level 1). Level 2: the gaps, `step`
+    frames at a time in order, given the generated frames between them and up to half of the other observed slots
+    after them, the rest before them."""
     if given:
         keys = spread(given, length - 1, min(step, length - given))
         stages = [(spread(0, given - 1, min(k - step, given)), keys)]
